@@ -1,0 +1,183 @@
+"""The streaming attention function, registered with transformers' attention interface.
+
+Registered as ``"streaming_llm"``. With a :class:`~streaming_llm.cache.StreamingCache` it computes
+StreamingLLM attention exactly (window masks, pinned keys placed next to the window); with any
+other cache, or none, it *is* transformers' ``sdpa`` attention, mask included. So a model can be
+switched once (:func:`install`) and used with every kind of cache.
+
+This is the one function that sees the model's position ids in every supported transformers
+version, so it finishes what the cache could not do alone: it brings stored keys into the frame of
+those positions (:meth:`StreamingLayer.align`) before attending.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .architectures import describe
+from .cache import ATTN_IMPLEMENTATION, STEP_ATTR, Step
+
+# Queries per block in the banded path: bounds memory to block x (start + recent + block) scores.
+QUERY_BLOCK = 256
+
+# Position ids are shared by every layer of a forward: parse them once (one host sync per forward).
+_last_positions: tuple[torch.Tensor, int] | None = None
+
+
+def streaming_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention for one layer; same signature and output layout as transformers' ``sdpa``.
+
+    Shapes: query ``(batch, heads, q_len, head_dim)``, key/value ``(batch, kv_heads, kv_len, head_dim)``;
+    returns ``(batch, q_len, heads, head_dim)``.
+    """
+    step: Step | None = getattr(key, STEP_ATTR, None)
+    if step is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    layer = step.layer
+    m0 = _first_position(step, kwargs.get("position_ids"))
+    layer.align(step, m0, key)
+    offsets = layer.window.pin_offsets(step.t0, m0, step.length, layer.segment_len)
+    if step.mode == "inplace":
+        layer.rotate_pinned(int(offsets[0]))
+        out = _causal(query, key, value, scaling)
+    else:
+        out = _banded(query, key, value, step, offsets, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _first_position(step: Step, position_ids: torch.Tensor | None) -> int:
+    """Model position of the step's first query, checking the chunk's positions are contiguous."""
+    global _last_positions
+    layer = step.layer
+    if position_ids is None:  # the model derived them from cache.get_seq_length()
+        return layer.window.next_model_position(step.t0, layer.shift, layer.segment_len)
+    if _last_positions is not None and _last_positions[0] is position_ids:
+        return _last_positions[1]
+    rows = position_ids.reshape(-1, position_ids.shape[-1])
+    m0 = int(rows[0, 0])
+    expected = torch.arange(m0, m0 + step.length, device=rows.device)
+    if rows.shape[-1] != step.length or not bool((rows == expected).all()):
+        raise ValueError(
+            "StreamingCache needs contiguous position ids, identical for every row of the batch (no padding). "
+            "Feed one unpadded sequence per cache, or batches of equal-length rows."
+        )
+    _last_positions = (position_ids, m0)
+    return m0
+
+
+def _causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Plain attention where the queries are the last ``q_len`` keys (bottom-right causal)."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    mask = None
+    if q_len > 1:
+        q_idx = torch.arange(kv_len - q_len, kv_len, device=query.device)
+        mask = torch.arange(kv_len, device=query.device)[None, :] <= q_idx[:, None]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+def _banded(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: Step, offsets: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Each query attends to the pinned keys (turned to sit before its window) and its own window.
+
+    ``key``/``value`` are the working set ``[pinned | recent]``; recent key ``r`` has stream index
+    ``step.rest_start + r``. Query ``i`` (stream ``t``) sees recent keys in ``[t - recent_size, t]``
+    and the sinks ``j <= t``.
+    """
+    layer = step.layer
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    n_pin = step.n_pinned
+    n_sinks = n_pin - layer.segment_len
+    window = layer.window.recent_size
+    # Pinned logits use the query turned back by its offset: q' . k_pin == q . R(e) k_pin.
+    q_back = layer.rope.rotate(query, -offsets.to(query.device))
+    # (batch, kv_heads, groups, q_len, dim): grouped-query attention without copying keys.
+    q = query.reshape(batch, kv_heads, groups, q_len, dim)
+    q_back = q_back.reshape(batch, kv_heads, groups, q_len, dim)
+    pin_k, pin_v = key[:, :, None, :n_pin], value[:, :, None, :n_pin]
+    rest_k, rest_v = key[:, :, None, n_pin:], value[:, :, None, n_pin:]
+    n_rest = rest_k.shape[-2]
+    device = query.device
+    pin_idx = torch.arange(n_pin, device=device)
+    out = q.new_empty(q.shape)
+    for i0 in range(0, q_len, QUERY_BLOCK):
+        i1 = min(q_len, i0 + QUERY_BLOCK)
+        t = step.t0 + torch.arange(i0, i1, device=device)  # stream indices of these queries
+        lo = max(0, step.t0 + i0 - window - step.rest_start)
+        hi = min(n_rest, step.t0 + i1 - step.rest_start)
+        u = step.rest_start + torch.arange(lo, hi, device=device)
+        see_rest = (u[None, :] >= t[:, None] - window) & (u[None, :] <= t[:, None])
+        see_pin = (pin_idx[None, :] >= n_sinks) | (pin_idx[None, :] <= t[:, None])
+        scores = torch.cat(
+            (
+                q_back[:, :, :, i0:i1] @ pin_k.transpose(-1, -2),
+                q[:, :, :, i0:i1] @ rest_k[:, :, :, lo:hi].transpose(-1, -2),
+            ),
+            dim=-1,
+        ).float()
+        scores = scores * scaling
+        scores = scores.masked_fill(~torch.cat((see_pin, see_rest), dim=-1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(value.dtype)
+        out[:, :, :, i0:i1] = probs[..., :n_pin] @ pin_v + probs[..., n_pin:] @ rest_v[:, :, :, lo:hi]
+    return out.view(batch, heads, q_len, dim)
+
+
+def streaming_mask(*args, **kwargs):
+    """Mask function for ``"streaming_llm"``: transformers' sdpa mask (padding, ordinary caches)."""
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register ``"streaming_llm"`` with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, streaming_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, streaming_mask)
+
+
+def install(model: PreTrainedModel) -> PreTrainedModel:
+    """Switch ``model`` to the streaming attention (it behaves like ``sdpa`` with other caches).
+
+    Raises:
+        NotImplementedError: If the architecture cannot be streamed exactly.
+    """
+    spec = describe(model.config)
+    _check_rope(model, spec.ropes[0].inv_freq)
+    register()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def uninstall(model: PreTrainedModel, implementation: str = "sdpa") -> PreTrainedModel:
+    """Switch ``model`` back to a stock attention implementation."""
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def _check_rope(model: PreTrainedModel, inv_freq: torch.Tensor) -> None:
+    """The frequencies read from the config must be the ones the model's rotary module uses."""
+    for name, module in model.named_modules():
+        buffer = getattr(module, "inv_freq", None)
+        if isinstance(buffer, torch.Tensor) and buffer.shape == inv_freq.shape:
+            if not torch.allclose(buffer.double().cpu(), inv_freq, rtol=1e-6, atol=0):
+                raise NotImplementedError(
+                    f"The rotary frequencies of '{name}' differ from the ones its config describes; this "
+                    "RoPE variant is not supported."
+                )
