@@ -22,7 +22,7 @@ from .architectures import describe
 from .cache import ATTN_IMPLEMENTATION, STEP_ATTR, Step
 
 # Queries per block in the banded path: bounds memory to block x (start + recent + block) scores.
-QUERY_BLOCK = 256
+QUERY_BLOCK = 128
 
 # Position ids are shared by every layer of a forward: parse them once (one host sync per forward).
 _last_positions: tuple[torch.Tensor, int] | None = None
@@ -125,8 +125,6 @@ def _banded(
         lo = max(0, step.t0 + i0 - window - step.rest_start)
         hi = min(n_rest, step.t0 + i1 - step.rest_start)
         u = step.rest_start + torch.arange(lo, hi, device=device)
-        see_rest = (u[None, :] >= t[:, None] - window) & (u[None, :] <= t[:, None])
-        see_pin = (pin_idx[None, :] >= n_sinks) | (pin_idx[None, :] <= t[:, None])
         scores = torch.cat(
             (
                 q_back[:, :, :, i0:i1] @ pin_k.transpose(-1, -2),
@@ -134,8 +132,12 @@ def _banded(
             ),
             dim=-1,
         ).float()
-        scores = scores * scaling
-        scores = scores.masked_fill(~torch.cat((see_pin, see_rest), dim=-1), float("-inf"))
+        scores.mul_(scaling)
+        hidden_rest = (u[None, :] < t[:, None] - window) | (u[None, :] > t[:, None])
+        scores[..., n_pin:].masked_fill_(hidden_rest, float("-inf"))
+        if step.t0 + i0 < n_sinks:  # sinks that come later in this chunk are still in the future
+            future_sinks = (pin_idx[None, :] < n_sinks) & (pin_idx[None, :] > t[:, None])
+            scores[..., :n_pin].masked_fill_(future_sinks, float("-inf"))
         probs = scores.softmax(dim=-1).to(value.dtype)
         out[:, :, :, i0:i1] = probs[..., :n_pin] @ pin_v + probs[..., n_pin:] @ rest_v[:, :, :, lo:hi]
     return out.view(batch, heads, q_len, dim)
@@ -175,9 +177,9 @@ def _check_rope(model: PreTrainedModel, inv_freq: torch.Tensor) -> None:
     """The frequencies read from the config must be the ones the model's rotary module uses."""
     for name, module in model.named_modules():
         buffer = getattr(module, "inv_freq", None)
-        if isinstance(buffer, torch.Tensor) and buffer.shape == inv_freq.shape:
-            if not torch.allclose(buffer.double().cpu(), inv_freq, rtol=1e-6, atol=0):
-                raise NotImplementedError(
-                    f"The rotary frequencies of '{name}' differ from the ones its config describes; this "
-                    "RoPE variant is not supported."
-                )
+        same_shape = isinstance(buffer, torch.Tensor) and buffer.shape == inv_freq.shape
+        if same_shape and not torch.allclose(buffer.double().cpu(), inv_freq, rtol=1e-6, atol=0):
+            raise NotImplementedError(
+                f"The rotary frequencies of '{name}' differ from the ones its config describes; this "
+                "RoPE variant is not supported."
+            )

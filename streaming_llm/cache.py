@@ -316,12 +316,17 @@ class StreamingCache(Cache):
         >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=10_000)
     """
 
-    def __init__(self, config: PretrainedConfig, start_size: int = 4, recent_size: int = 2000):
+    def __init__(
+        self, config: PretrainedConfig, start_size: int = 4, recent_size: int = 2000, segment_capacity: int = 0
+    ):
         check_sizes(start_size, recent_size)
+        if segment_capacity < 0:
+            raise ValueError(f"segment_capacity must be >= 0, got {segment_capacity}")
         self.config = getattr(config, "config", config)
         self.spec: ModelSpec = describe(self.config)
         self.window = Window(start_size, recent_size)
-        super().__init__(layers=[StreamingLayer(self.window, rope) for rope in self.spec.ropes])
+        self.segment_capacity = segment_capacity
+        super().__init__(layers=[StreamingLayer(self.window, rope, segment_capacity) for rope in self.spec.ropes])
 
     # -- sizes and counters -----------------------------------------------------------------------
     @property
@@ -339,12 +344,72 @@ class StreamingCache(Cache):
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens the next query can attend to (besides itself)."""
-        return min(self.seen_tokens, self.window.capacity)
+        """Tokens the next query can attend to (besides itself), the pinned segment included."""
+        return min(self.seen_tokens, self.window.capacity) + self.segment_len
 
     @property
     def evicted_tokens(self) -> int:
-        return self.seen_tokens - self.cached_tokens
+        return self.seen_tokens - min(self.seen_tokens, self.window.capacity)
+
+    @property
+    def segment_len(self) -> int:
+        """Tokens in the injected pinned segment (hybrid memory's summary), 0 without one."""
+        return self.layers[0].segment_len
+
+    def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Replace the pinned segment placed after the sinks.
+
+        Args:
+            keys: Per layer, ``(batch, kv_heads, n, head_dim)`` keys rotated at the canonical
+                positions ``start_size .. start_size + n - 1`` (what a forward at those positions gives).
+            values: Per layer, the matching values.
+        """
+        n = keys[0].shape[-2]
+        if n > self.segment_capacity:
+            raise ValueError(f"The segment holds at most {self.segment_capacity} tokens, got {n}.")
+        if self.seen_tokens < self.start_size:
+            raise ValueError("A pinned segment can only be set once all the sinks are in the cache.")
+        s = self.start_size
+        for layer, k, v in zip(self.layers, keys, values, strict=True):
+            layer._check_shapes(k, v)
+            layer.pinned_keys[:, :, s : s + n] = k
+            layer.values[:, :, layer.sink_base - n : layer.sink_base] = v
+            layer.segment_len = n
+            layer.pinned_rotation = None
+
+    # -- state, for saving and restoring sessions ------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """All tensors and counters needed to rebuild this cache exactly."""
+        tensors, first = {}, self.layers[0]
+        for i, layer in enumerate(self.layers):
+            if not layer.is_initialized:
+                raise ValueError("The cache is empty: nothing to save yet.")
+            tensors[f"layers.{i}.keys"] = layer.keys
+            tensors[f"layers.{i}.values"] = layer.values
+            tensors[f"layers.{i}.pinned_keys"] = layer.pinned_keys
+        counters = {
+            "start_size": self.start_size, "recent_size": self.recent_size, "segment_capacity": self.segment_capacity,
+            "seen": first.seen, "shift": first.shift, "segment_len": first.segment_len,
+        }  # fmt: skip
+        return tensors, counters
+
+    @classmethod
+    def from_state(
+        cls, config: PretrainedConfig, tensors: dict[str, torch.Tensor], counters: dict[str, int]
+    ) -> StreamingCache:
+        """Rebuild a cache saved with :meth:`state` (tensors are copied to the model's device by the caller)."""
+        cache = cls(config, counters["start_size"], counters["recent_size"], counters["segment_capacity"])
+        for i, layer in enumerate(cache.layers):
+            keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
+            layer.lazy_initialization(keys, values)
+            if layer.keys.shape != keys.shape or layer.pinned_keys.shape != tensors[f"layers.{i}.pinned_keys"].shape:
+                raise ValueError(f"Layer {i} tensors do not have the shapes these sizes need.")
+            layer.keys.copy_(keys)
+            layer.values.copy_(values)
+            layer.pinned_keys.copy_(tensors[f"layers.{i}.pinned_keys"])
+            layer.seen, layer.shift = counters["seen"], counters["shift"]
+            layer.segment_len, layer.pinned_rotation = counters["segment_len"], None
+        return cache
 
     @property
     def nbytes(self) -> int:
@@ -393,7 +458,7 @@ class StreamingCache(Cache):
                 f"The DynamicCache has {len(cache.layers)} layers but this model has {len(streaming.layers)}; "
                 "it comes from another model."
             )
-        for source, layer in zip(cache.layers, streaming.layers):
+        for source, layer in zip(cache.layers, streaming.layers, strict=True):
             keys, values = source.keys, source.values
             if keys is None or keys.numel() == 0:
                 continue

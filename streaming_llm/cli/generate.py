@@ -1,0 +1,71 @@
+"""``streaming-llm generate`` (prompt -> text, optionally endless) and ``streaming-llm demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_model_flags, add_sampling_flags, load, sampling_config, status_line
+
+DEMO_PROMPT = (
+    "Write a very long story about a lighthouse keeper who collects the letters that wash ashore. "
+    "Tell it chapter by chapter and never stop."
+)
+
+
+def add_parser(subparsers) -> None:
+    gen = subparsers.add_parser(
+        "generate", help="generate text from a prompt, streamed as it is produced",
+        description="Generate text from a prompt, printed as it is produced. Runs far past the model's "
+        "context window in constant memory; Ctrl-C stops cleanly.",
+    )  # fmt: skip
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default 256; 0 = endless)")
+    gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    gen.add_argument(
+        "--stats-every", type=int, default=0, help="print cache statistics every N tokens (0 = at the end)"
+    )
+    add_model_flags(gen)
+    add_sampling_flags(gen)
+    gen.set_defaults(run=run)
+
+    demo = subparsers.add_parser(
+        "demo", help="stream a long story far past the window, showing the cache staying flat",
+        description="Generate a long story with the embedded model and a small window (256 tokens), printing "
+        "tokens as they come and, every 128 tokens, the cache size: it stays flat while tokens are evicted.",
+    )  # fmt: skip
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--max-tokens", type=int, default=1200, help="tokens to generate (default 1200; 0 = endless)")
+    demo.add_argument("--stats-every", type=int, default=128)
+    add_model_flags(demo, recent_size=256)
+    add_sampling_flags(demo, temperature=0.8)
+    demo.set_defaults(run=run, raw=False, top_p=0.95, repetition_penalty=1.15, seed=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generation import stream_generate
+
+    model, tokenizer = load(args)
+    prompt = args.prompt
+    if not args.raw and tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pieces = stream_generate(
+        model, tokenizer, prompt, start_size=args.start_size, recent_size=args.recent_size,
+        max_new_tokens=args.max_tokens or None, sampling=sampling_config(args), stop=args.stop,
+    )  # fmt: skip
+    sizes, piece = set(), None
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+            sizes.add(piece.cache_bytes)
+            if args.stats_every and piece.generated % args.stats_every == 0 and piece.token_id is not None:
+                print(f"\n{status_line(piece)}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("\n[stopped by Ctrl-C]", file=sys.stderr)
+    if piece is not None:
+        flat = "flat" if len(sizes) == 1 else f"{min(sizes) / 2**20:.1f}..{max(sizes) / 2**20:.1f} MiB"
+        reason = piece.finish_reason or "interrupted"
+        print(f"\n{status_line(piece)} cache memory: {flat}; finished: {reason}", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity by method, sweeps, recall vs distance, stability, plots."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models (most tests) and the real embedded SmolLM2 (a few)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import streaming_llm
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = Path(os.environ.get("STREAMING_LLM_DATA", REPO.parent / "shared" / "data")) / "shakespeare.txt"
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random 2-layer Llama (GQA 4/2 heads), fp32, eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    kwargs.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_small_window_warnings():
+    # Tests use tiny windows on purpose; the warnings themselves are tested explicitly.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*recent_size=\d+ is very small.*")
+        warnings.filterwarnings("ignore", message=r".*start_size=0 keeps no attention sinks.*")
+        yield
+
+
+@pytest.fixture
+def llama():
+    return streaming_llm.install(tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from streaming_llm.loading import load_model
+
+    model, tokenizer = load_model(device="cpu", dtype="float32")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    if not SHAKESPEARE.exists():
+        message = f"{SHAKESPEARE} is missing (set STREAMING_LLM_DATA to the folder holding shakespeare.txt)"
+        if os.environ.get("STREAMING_LLM_ALLOW_MISSING_DATA"):
+            pytest.skip(message)
+        pytest.fail(message)
+    return SHAKESPEARE.read_text(encoding="utf-8")
