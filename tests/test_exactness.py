@@ -74,7 +74,7 @@ def test_other_window_shapes(llama, start, recent, size):
 def test_generate_greedy_matches_reference(llama):
     prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
     cache = StreamingCache(llama.config, START, RECENT)
-    new = 4 * (START + RECENT)
+    new = 10 * (START + RECENT)  # far past the window
     out = llama.generate(
         prompt, past_key_values=cache, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
         output_scores=True,
@@ -211,10 +211,19 @@ def test_cache_from_another_model_is_rejected(llama):
 
 
 def test_unsupported_architecture_names_the_supported_list():
-    from transformers import GPT2Config
+    from transformers import BloomConfig, GPT2Config
 
     with pytest.raises(NotImplementedError, match=r"gpt2.*learned absolute.*Supported: Llama"):
         StreamingCache(GPT2Config(), 4, 8)
+    with pytest.raises(NotImplementedError, match=r"bloom.*ALiBi"):
+        StreamingCache(BloomConfig(), 4, 8)
+
+
+def test_hybrid_layer_types_are_rejected():
+    config = tiny_llama().config
+    config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(NotImplementedError, match="layer types"):
+        StreamingCache(config, 4, 8)
 
 
 def test_from_dynamic_then_stream_equals_reference(llama):

@@ -26,3 +26,25 @@ def test_chunked_evaluation_equals_token_by_token_on_the_real_model(smollm, shak
     one = streaming_nll(model, ids, start_size=4, recent_size=60, chunk_size=1)
     many = streaming_nll(model, ids, start_size=4, recent_size=60, chunk_size=97)
     torch.testing.assert_close(many, one, atol=2e-4, rtol=0)
+
+
+def test_hybrid_memory_recalls_an_evicted_fact_plain_streaming_cannot(smollm, shakespeare):
+    import re
+
+    from streaming_llm.memory import HybridMemory
+    from streaming_llm.session import StreamingSession
+
+    model, tokenizer = smollm
+    document = "Remember this: the pass code of the blue door is 4817.\n" + shakespeare[300_000:304_000]
+
+    def keep_facts(previous: str, evicted: str) -> str:  # a controllable summariser
+        return " ".join([previous, *re.findall(r"[^.\n]*pass code[^.\n]*\.", evicted)]).strip()
+
+    answers = {}
+    for name, memory in (("plain", None), ("hybrid", HybridMemory(keep_facts, max_tokens=64, update_every=128))):
+        session = StreamingSession(model, tokenizer, "You are a helpful assistant.", recent_size=256, memory=memory)
+        session.ingest(document, progress=False)
+        assert session.stats().evicted_tokens > 500  # the fact left the window long ago
+        answers[name] = session.chat("What is the pass code of the blue door? Answer with the number.", 16)
+    assert "4817" in answers["hybrid"]
+    assert "4817" not in answers["plain"]

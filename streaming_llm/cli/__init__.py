@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import generate
+from . import chat, generate, ingest
 
-COMMANDS = (generate,)
+COMMANDS = (generate, chat, ingest)
 
 
 def main(argv: list[str] | None = None) -> int:

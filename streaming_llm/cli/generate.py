@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .common import add_model_flags, add_sampling_flags, load, sampling_config, status_line
+from .interrupt import StopRequest
 
 DEMO_PROMPT = (
     "Write a very long story about a lighthouse keeper who collects the letters that wash ashore. "
@@ -54,16 +55,17 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, prompt, start_size=args.start_size, recent_size=args.recent_size,
         max_new_tokens=args.max_tokens or None, sampling=sampling_config(args), stop=args.stop,
     )  # fmt: skip
-    sizes, piece = set(), None
-    try:
+    sizes, piece, stop = set(), None, StopRequest()
+    with stop.catching():
         for piece in pieces:
             sys.stdout.write(piece.text)
             sys.stdout.flush()
             sizes.add(piece.cache_bytes)
             if args.stats_every and piece.generated % args.stats_every == 0 and piece.token_id is not None:
                 print(f"\n{status_line(piece)}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        print("\n[stopped by Ctrl-C]", file=sys.stderr)
+            if stop:
+                print("\n[stopped by Ctrl-C]", file=sys.stderr)
+                break
     if piece is not None:
         flat = "flat" if len(sizes) == 1 else f"{min(sizes) / 2**20:.1f}..{max(sizes) / 2**20:.1f} MiB"
         reason = piece.finish_reason or "interrupted"

@@ -1,0 +1,137 @@
+"""``streaming-llm chat``: an endless conversation, streamed, with /save /load /reset /stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import add_model_flags, add_sampling_flags, load, sampling_config
+from .interrupt import StopRequest
+
+HELP = """commands:
+  /save PATH   save the session (atomic; restore it later with /load or --load)
+  /load PATH   replace the session by a saved one (the current one is kept if loading fails)
+  /reset       start a new conversation (same system prompt)
+  /stats       tokens seen, evicted, in cache, cache bytes
+  /help        this text
+  /quit        leave (Ctrl-D works too); Ctrl-C stops a reply early"""
+
+
+def add_parser(subparsers) -> None:
+    chat = subparsers.add_parser(
+        "chat", help="talk with the model forever, in constant memory",
+        description="An endless chat: every turn feeds only its own tokens, old ones are evicted from the "
+        "window, the system prompt stays pinned. Type a message, or a command:\n" + HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_session_flags(chat)
+    chat.set_defaults(run=run)
+
+
+def add_session_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("conversation")
+    group.add_argument("--system", default=None, help="system prompt")
+    group.add_argument("--no-pin-system", action="store_true", help="let the system prompt be evicted too")
+    group.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    group.add_argument(
+        "--memory", action="store_true",
+        help="hybrid memory: summarise evicted text with the model and keep the summary pinned (slower)",
+    )  # fmt: skip
+    group.add_argument("--load", default=None, metavar="PATH", help="resume a session saved with /save")
+    add_model_flags(parser)
+    add_sampling_flags(parser)
+
+
+def make_session(args: argparse.Namespace, model, tokenizer):
+    from ..memory import HybridMemory
+    from ..session import StreamingSession
+
+    memory = HybridMemory() if args.memory else None
+    if args.load:
+        return StreamingSession.load(args.load, model, tokenizer, memory=memory)
+    return StreamingSession(
+        model, tokenizer, args.system, start_size=args.start_size, recent_size=args.recent_size,
+        pin_system_prompt=not args.no_pin_system, sampling=sampling_config(args), memory=memory,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load(args)
+    session = make_session(args, model, tokenizer)
+    return repl(session, args, model, tokenizer)
+
+
+def reply(session, message: str, args: argparse.Namespace, stop: StopRequest) -> None:
+    with stop.catching():
+        for piece in session.send(message, max_new_tokens=args.max_tokens or None, stop=tuple(args.stop)):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+            if stop:
+                sys.stdout.write(" [stopped]")
+                break
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def repl(session, args: argparse.Namespace, model, tokenizer, lines=None) -> int:
+    """Read messages and commands until /quit or end of input."""
+    interactive = sys.stdin.isatty()
+    stop = StopRequest()
+    if interactive:
+        print("Type a message, /help for commands, /quit to leave.", file=sys.stderr)
+    for line in lines if lines is not None else _read_lines(interactive):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            session, done = command(line, session, args, model, tokenizer)
+            if done:
+                break
+            continue
+        reply(session, line, args, stop)
+    return 0
+
+
+def command(line: str, session, args, model, tokenizer):
+    """Run one slash command; return ``(session, quit?)``."""
+    from ..persistence import SessionFileError
+    from ..session import StreamingSession
+
+    name, _, argument = line.partition(" ")
+    argument = argument.strip()
+    if name in ("/quit", "/exit"):
+        return session, True
+    if name == "/help":
+        print(HELP)
+    elif name == "/stats":
+        print(json.dumps(session.stats_dict()))
+    elif name == "/reset":
+        args.load = None
+        session = make_session(args, model, tokenizer)
+        print("[new conversation]")
+    elif name == "/save":
+        if not argument:
+            print("usage: /save PATH", file=sys.stderr)
+        else:
+            print(f"[saved to {session.save(argument)}]")
+    elif name == "/load":
+        try:
+            session = StreamingSession.load(argument, model, tokenizer, memory=session.memory)
+            print(f"[loaded {argument}: {session.stats().turns} turns, {session.stats().seen_tokens} tokens]")
+        except (SessionFileError, FileNotFoundError) as error:
+            print(f"error: {error} (the current conversation is unchanged)", file=sys.stderr)
+    else:
+        print(f"unknown command {name}; /help lists them", file=sys.stderr)
+    return session, False
+
+
+def _read_lines(interactive: bool):
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and line == "":
+            return
+        yield line
