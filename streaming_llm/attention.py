@@ -53,11 +53,11 @@ def streaming_attention_forward(
     layer = step.layer
     m0 = _first_position(step, kwargs.get("position_ids"))
     layer.align(step, m0, key)
-    offsets = layer.window.pin_offsets(step.t0, m0, step.length, layer.segment_len)
-    if step.mode == "inplace":
-        layer.rotate_pinned(int(offsets[0]))
+    if step.mode == "inplace":  # one rotation for all queries (see Step)
+        layer.rotate_pinned(m0 - layer.window.in_cache_position(step.t0, layer.segment_len))
         out = _causal(query, key, value, scaling)
     else:
+        offsets = layer.window.pin_offsets(step.t0, m0, step.length, layer.segment_len)
         out = _banded(query, key, value, step, offsets, scaling)
     return out.transpose(1, 2).contiguous(), None
 

@@ -50,7 +50,8 @@ def resolve(model: str | os.PathLike | None = None) -> Path:
             or a ``.gguf`` file.
     """
     if model is None:
-        return _converted(embedded_gguf(), EMBEDDED_NAME)
+        converted = home() / EMBEDDED_NAME
+        return converted if (converted / "config.json").exists() else _converted(embedded_gguf(), EMBEDDED_NAME)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _converted(path, f"{path.stem}-{_fingerprint(path)}")

@@ -23,12 +23,14 @@ its life and no error accumulates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 # A model position above this multiple of the cache capacity triggers a rebase (see module doc).
 REBASE_FACTOR = 2
+# Largest integer delta served from a precomputed cos/sin table.
+TABLE_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class Rope:
 
     inv_freq: torch.Tensor
     rotary_dim: int
+    # Per (device, dtype): cos/sin of small non-negative integer deltas, so the per-step rotation of
+    # the pinned keys costs no trigonometry (grown on demand, never past TABLE_LIMIT rows).
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)
 
     def rotate(self, x: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` by ``delta`` positions, the way the model's RoPE would have.
@@ -57,9 +62,12 @@ class Rope:
         """
         if isinstance(delta, int) and delta == 0:
             return x
-        cos, sin = self._cos_sin(delta, x.device)  # (seq or 1, rotary_dim // 2), float64
         work = torch.promote_types(x.dtype, torch.float32)
-        cos, sin = cos.to(work), sin.to(work)
+        if isinstance(delta, int) and 0 < delta < TABLE_LIMIT:
+            cos, sin = self._table(delta, x.device, work)
+        else:
+            cos, sin = self._cos_sin(delta, x.device)  # (seq or 1, rotary_dim // 2), float64
+            cos, sin = cos.to(work), sin.to(work)
         half = self.rotary_dim // 2
         x1 = x[..., :half].to(work)
         x2 = x[..., half : self.rotary_dim].to(work)
@@ -67,6 +75,15 @@ class Rope:
         if self.rotary_dim == x.shape[-1]:
             return rotated
         return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
+
+    def _table(self, delta: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] <= delta:
+            rows = min(TABLE_LIMIT, max(4096, 2 * delta))
+            cos, sin = self._cos_sin(torch.arange(rows), device)
+            table = self._tables[key] = (cos.to(dtype), sin.to(dtype))
+        return table[0][delta : delta + 1], table[1][delta : delta + 1]
 
     def _cos_sin(self, delta: int | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq.to(device=device, dtype=torch.float64)
@@ -118,6 +135,8 @@ class Window:
         Returns:
             Int64 tensor ``(length,)``.
         """
+        if length == 1:  # the decode step: plain integers, no tensor work
+            return torch.tensor([m0 - self.in_cache_position(t0, extra_pinned)])
         t = torch.arange(t0, t0 + length, dtype=torch.int64)
         s, w = self.start_size, self.recent_size
         recent = (t - s).clamp(min=0).clamp(max=w)

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 import streaming_llm
 from streaming_llm import StreamingCache
+from streaming_llm.compat import cache_kwargs
 
 ATOL = 1e-4
 START, RECENT = 4, 28
@@ -89,7 +90,10 @@ def test_generate_greedy_matches_reference(llama):
 def test_generate_accepts_the_new_cache_keyword(llama):
     prompt = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
     a = llama.generate(prompt, past_key_values=StreamingCache(llama.config, 4, 8), max_new_tokens=30, do_sample=False)
-    b = llama.generate(prompt, cache=StreamingCache(llama.config, 4, 8), max_new_tokens=30, do_sample=False)
+    # `cache=` where the installed transformers has it (>= 5.24), `past_key_values=` before.
+    b = llama.generate(
+        prompt, **cache_kwargs(llama, StreamingCache(llama.config, 4, 8)), max_new_tokens=30, do_sample=False
+    )
     assert torch.equal(a, b)
 
 

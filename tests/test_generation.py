@@ -95,7 +95,7 @@ def test_stream_generate_equals_transformers_generate(model, tokenizer):
     ours = [p.token_id for p in pieces if p.token_id is not None]
     model.generation_config.eos_token_id = None  # generate() must not stop early either
     ref = model.generate(
-        torch.tensor([prompt]), cache=StreamingCache(model.config, 4, 16), max_new_tokens=60, do_sample=False
+        torch.tensor([prompt]), past_key_values=StreamingCache(model.config, 4, 16), max_new_tokens=60, do_sample=False
     )[0, len(prompt) :].tolist()
     assert ours == ref
     assert pieces[-1].finish_reason == "length"

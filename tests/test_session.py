@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 import streaming_llm
 from streaming_llm import StreamingCache
+from streaming_llm.compat import cache_kwargs
 from streaming_llm.loading import resolve
 from streaming_llm.memory import HybridMemory, encode_segment
 from streaming_llm.persistence import SessionFileError
@@ -195,13 +196,13 @@ def test_a_summary_segment_equals_pinning_those_tokens(model, tokenizer):
     summary = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         main = StreamingCache(model.config, start, recent, segment_capacity=16)
-        model(input_ids=ids[:, :start], cache=main)
+        model(input_ids=ids[:, :start], **cache_kwargs(model, main))
         keys, values = encode_segment(model, main, summary[0].tolist())
         main.set_segment(keys, values)
-        got = model(input_ids=ids[:, start:], cache=main).logits
+        got = model(input_ids=ids[:, start:], **cache_kwargs(model, main)).logits
         plain = StreamingCache(model.config, start + 10, recent)
-        model(input_ids=torch.cat([ids[:, :start], summary], dim=1), cache=plain)
-        expected = model(input_ids=ids[:, start:], cache=plain).logits
+        model(input_ids=torch.cat([ids[:, :start], summary], dim=1), **cache_kwargs(model, plain))
+        expected = model(input_ids=ids[:, start:], **cache_kwargs(model, plain)).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert main.cached_tokens == start + 10 + recent
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, generate, ingest
+from . import chat, eval, generate, ingest
 
-COMMANDS = (generate, chat, ingest)
+COMMANDS = (generate, chat, ingest, eval)
 
 
 def main(argv: list[str] | None = None) -> int:

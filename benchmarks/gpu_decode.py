@@ -1,0 +1,132 @@
+"""GPU decode latency and memory vs context: StreamingCache vs transformers' DynamicCache.
+
+A Llama-3-8B-shaped model with random bf16 weights (speed does not depend on the weights) streams
+random tokens up to each context length (prefill in chunks), then decodes greedily; decode steps
+are timed with CUDA synchronisation. Both caches run in the same process, side by side, at every
+context, so the ratios are measured under the same conditions.
+
+    python benchmarks/gpu_decode.py --out benchmarks/results/gpu_decode      # on a CUDA machine
+    python benchmarks/gpu_decode.py --tiny --device cpu --contexts 256 512   # a smoke test anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from streaming_llm import StreamingCache, install  # noqa: E402
+from streaming_llm.compat import cache_kwargs  # noqa: E402
+
+LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+)  # fmt: skip
+TINY = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=8192,
+)  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@torch.no_grad()
+def measure(model, make_cache, context: int, decode: int, chunk: int) -> dict:
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = make_cache()
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
+    sync(device)
+    began = time.perf_counter()
+    for i in range(0, context, chunk):
+        out = model(input_ids=ids[:, i : i + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    sync(device)
+    prefill = time.perf_counter() - began
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(3):  # warm-up steps (not timed)
+        token = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+    sync(device)
+    began = time.perf_counter()
+    for _ in range(decode):
+        token = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+    sync(device)
+    step = (time.perf_counter() - began) / decode
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "context": context, "ms_per_token": 1000 * step, "tokens_per_s": 1 / step,
+        "prefill_tokens_per_s": context / prefill, "cache_mib": cache_bytes(cache) / 2**20, "peak_gpu_mib": peak,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--start-size", type=int, default=4)
+    parser.add_argument("--recent-size", type=int, default=4092)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    install(model)  # streaming attention: identical to sdpa with the DynamicCache
+    methods = {
+        "dynamic": lambda: DynamicCache(config=model.config),
+        "streaming": lambda: StreamingCache(model.config, args.start_size, args.recent_size),
+    }
+    rows = []
+    for context in args.contexts:
+        for method, make in methods.items():
+            row = {"method": method, **measure(model, make, context, args.decode, args.chunk)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    header = ("context", "HF ms/tok", "ours ms/tok", "HF/ours", "HF cache", "ours cache")
+    print("\n" + " | ".join(f"{h:>11}" for h in header))
+    ratios = []
+    for context in args.contexts:
+        hf, ours = (next(r for r in rows if r["method"] == m and r["context"] == context) for m in methods)
+        ratio = hf["ms_per_token"] / ours["ms_per_token"]
+        ratios.append({"context": context, "speedup": ratio, "cache_ratio": hf["cache_mib"] / ours["cache_mib"]})
+        cells = (context, f"{hf['ms_per_token']:.2f}", f"{ours['ms_per_token']:.2f}", f"{ratio:.2f}x",
+                 f"{hf['cache_mib']:.0f}M", f"{ours['cache_mib']:.0f}M")  # fmt: skip
+        print(" | ".join(f"{c:>11}" for c in cells))
+    if args.out:
+        import transformers
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        meta = {
+            "command": "python " + " ".join(sys.argv), "device": name, "torch": torch.__version__,
+            "transformers": transformers.__version__, "dtype": str(dtype),
+            "model": "tiny" if args.tiny else "Llama-3-8B-shaped, random weights",
+            "cache": f"StreamingCache {args.start_size}+{args.recent_size} vs DynamicCache",
+        }  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""``streaming-llm eval``: perplexity by method, sweeps, recall vs distance, endless-stream stability.
+
+Every subcommand writes JSON (with the command, machine and time taken), CSV and PNG files to
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .common import add_model_flags, load
+
+DEFAULT_TEXT = Path(os.environ.get("STREAMING_LLM_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+DEFAULT_TEXT = DEFAULT_TEXT / "shakespeare.txt"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate quality: perplexity by method, sweeps, recall, stability",
+        description="Evaluation on a long text (default: the shared Shakespeare). Writes JSON, CSV and PNG to --out.",
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+
+    ppl = commands.add_parser("ppl", help="dense / window / recompute / streaming perplexity on the same tokens")
+    _common(ppl, tokens=65536)
+    ppl.add_argument("--methods", default="dense,window,recompute,streaming", help="comma-separated methods")
+    ppl.add_argument("--stride", type=int, default=64, help="recompute scores every N-th token only (default 64)")
+    ppl.add_argument("--slice", type=int, default=1024, help="tokens per point of the running-perplexity curve")
+    ppl.set_defaults(run=run_ppl)
+
+    sweep = commands.add_parser("sweep", help="sinks 0/1/2/4/8 at a fixed total; perplexity vs cache size")
+    _common(sweep, tokens=65536)
+    sweep.add_argument("--sinks", default="0,1,2,4,8")
+    sweep.add_argument("--total", type=int, default=1024, help="total cache for the sink sweep")
+    sweep.add_argument("--recents", default="256,512,1024,2048,4096")
+    sweep.set_defaults(run=run_sweep)
+
+    recall = commands.add_parser("recall", help="accuracy of recalling a planted fact vs its distance")
+    _common(recall, tokens=0)
+    recall.add_argument("--distances", default="64,128,256,512,1024,2048,4096")
+    recall.add_argument("--windows", default="256,1024")
+    recall.add_argument("--methods", default="dense,streaming,hybrid")
+    recall.add_argument("--trials", type=int, default=10)
+    recall.set_defaults(run=run_recall)
+
+    stability = commands.add_parser("stability", help="perplexity and memory over the whole text, per window")
+    _common(stability, tokens=0)
+    stability.add_argument("--window", type=int, default=65536, help="tokens per reported slice")
+    stability.add_argument("--state-dir", type=Path, default=None, help="save progress here after each slice")
+    stability.add_argument("--resume", action="store_true", help="continue from --state-dir")
+    stability.set_defaults(run=run_stability)
+
+
+def _common(parser: argparse.ArgumentParser, tokens: int) -> None:
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file (default: shared Shakespeare)")
+    parser.add_argument("--offset-chars", type=int, default=0, help="start this many characters into the text")
+    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens to evaluate (0 = all; default {tokens})")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward when streaming")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
+    parser.add_argument("--no-progress", action="store_true")
+    add_model_flags(parser, recent_size=1020)
+
+
+def _text(args: argparse.Namespace) -> str:
+    if not args.text.is_file():
+        raise FileNotFoundError(f"No text file at {args.text}; pass --text.")
+    return args.text.read_text(encoding="utf-8", errors="replace")[args.offset_chars :]
+
+
+def _ids(args: argparse.Namespace, tokenizer):
+    import torch
+
+    text = _text(args)
+    if args.tokens:
+        text = text[: args.tokens * 8]  # enough characters for the tokens asked for
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if args.tokens and len(ids) < args.tokens:
+        raise ValueError(f"The text has only {len(ids)} tokens after --offset-chars; asked for {args.tokens}.")
+    return torch.tensor(ids[: args.tokens] if args.tokens else ids)
+
+
+def _meta(args: argparse.Namespace, model, seconds: float, tokens: int) -> dict:
+    import torch
+    import transformers
+
+    device = str(model.device)
+    if model.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(model.device)})"
+    return {
+        "command": "streaming-llm " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}",
+        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(model.dtype),
+        "model": getattr(model.config, "_name_or_path", "") or "embedded SmolLM2-135M-Instruct",
+        "text": str(args.text), "offset_chars": args.offset_chars, "tokens": tokens, "seconds": round(seconds, 1),
+    }  # fmt: skip
+
+
+def _write(out: Path, name: str, payload: dict, table: list[dict] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    if table:
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    print(f"wrote {out / name}.*", file=sys.stderr)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from ..eval import plots
+    from ..eval.perplexity import nll_by_method, perplexity, windowed_perplexity
+
+    model, tokenizer = load(args)
+    ids = _ids(args, tokenizer)
+    began = time.time()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    nll = nll_by_method(
+        model, ids, methods, args.start_size, args.recent_size, args.stride, args.chunk_size, not args.no_progress
+    )
+    scored = ~nll["recompute"].isnan() if "recompute" in nll else None
+    summary = {}
+    for method, values in nll.items():
+        summary[method] = {"ppl": perplexity(values)}
+        if scored is not None:
+            summary[method]["ppl_on_recompute_positions"] = perplexity(values[scored])
+    curves = {m: windowed_perplexity(v, args.slice) for m, v in nll.items() if m != "recompute"}
+    slices = len(next(iter(curves.values()))) if curves else 0
+    table = [{"to_token": (i + 1) * args.slice, **{m: c[i] for m, c in curves.items()}} for i in range(slices)]
+    cache = {
+        "start_size": args.start_size, "recent_size": args.recent_size,
+        "recompute_window": args.start_size + args.recent_size, "recompute_stride": args.stride,
+    }  # fmt: skip
+    payload = {
+        "meta": _meta(args, model, time.time() - began, len(ids)), "cache": cache, "summary": summary,
+        "running_ppl": curves, "slice": args.slice,
+    }  # fmt: skip
+    _write(args.out, "ppl", payload, table)
+    if curves:
+        title = f"Running perplexity, cache {args.start_size}+{args.recent_size}"
+        plots.running_ppl(curves, args.slice, args.out / "ppl_running.png", title, model.config.max_position_embeddings)
+    for method, values in summary.items():
+        print(f"{method:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from ..eval import plots
+    from ..eval.sweeps import recent_sweep, sink_sweep
+
+    model, tokenizer = load(args)
+    ids = _ids(args, tokenizer)
+    began = time.time()
+    progress = not args.no_progress
+    sink_counts = [int(s) for s in args.sinks.split(",")]
+    recents = [int(r) for r in args.recents.split(",")]
+    sinks = sink_sweep(model, ids, sink_counts, args.total, args.chunk_size, progress)
+    sizes = recent_sweep(model, ids, recents, args.start_size, args.chunk_size, progress)
+    payload = {"meta": _meta(args, model, time.time() - began, len(ids)), "sinks": sinks, "cache_size": sizes}
+    _write(args.out, "sweep_sinks", payload, sinks)
+    _write(args.out, "sweep_cache_size", payload, sizes)
+    plots.sink_bars(sinks, args.out / "sweep_sinks.png", f"Sink ablation, total cache {args.total}")
+    plots.cache_size_curve(sizes, args.out / "sweep_cache_size.png", "Perplexity vs cache size")
+    for row in sinks + sizes:
+        print(row)
+    return 0
+
+
+def run_recall(args: argparse.Namespace) -> int:
+    from ..eval import plots
+    from ..eval.recall import accuracy_table, recall_vs_distance
+
+    model, tokenizer = load(args)
+    began = time.time()
+    rows = recall_vs_distance(
+        model, tokenizer, _text(args), [int(d) for d in args.distances.split(",")],
+        [int(w) for w in args.windows.split(",")], tuple(args.methods.split(",")), args.trials,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    table = accuracy_table(rows)
+    payload = {"meta": _meta(args, model, time.time() - began, 0), "accuracy": table, "trials": rows}
+    _write(args.out, "recall", payload, table)
+    plots.recall_curve(table, args.out / "recall.png", "Recall of a planted fact vs distance")
+    for row in table:
+        print(row)
+    return 0
+
+
+def run_stability(args: argparse.Namespace) -> int:
+    from ..eval import plots
+    from ..eval.stability import stability_run
+
+    model, tokenizer = load(args)
+    ids = _ids(args, tokenizer)
+    began = time.time()
+    rows = stability_run(
+        model, ids, args.start_size, args.recent_size, args.window, args.chunk_size, args.state_dir, args.resume,
+        not args.no_progress,
+    )  # fmt: skip
+    payload = {"meta": _meta(args, model, time.time() - began, len(ids)), "rows": rows}
+    _write(args.out, "stability", payload, rows)
+    title = f"Streaming {args.start_size}+{args.recent_size} over {len(ids):,} tokens"
+    plots.stability_plot(rows, args.out / "stability.png", title)
+    for row in rows:
+        print(row)
+    return 0

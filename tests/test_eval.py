@@ -1,0 +1,122 @@
+"""Evaluation suite on small slices (the full runs are produced by `streaming-llm eval` and committed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama
+from transformers import AutoTokenizer
+
+import streaming_llm
+from streaming_llm.eval.perplexity import (
+    dense_nll,
+    nll_by_method,
+    perplexity,
+    recompute_nll,
+    streaming_nll,
+    windowed_perplexity,
+)
+from streaming_llm.eval.recall import accuracy_table, recall_vs_distance
+from streaming_llm.eval.stability import stability_run
+from streaming_llm.eval.sweeps import recent_sweep, sink_sweep
+from streaming_llm.loading import resolve
+
+IDS = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def model():
+    return streaming_llm.install(tiny_llama())
+
+
+def test_streaming_eval_in_chunks_equals_token_by_token(model):
+    one = streaming_nll(model, IDS, 4, 28, chunk_size=1)
+    for chunk in (7, 64, 300):
+        torch.testing.assert_close(streaming_nll(model, IDS, 4, 28, chunk_size=chunk), one, atol=1e-5, rtol=0)
+
+
+def test_methods_agree_while_nothing_is_evicted(model):
+    """With a cache larger than the text, every method is the same full attention."""
+    ids = IDS[:100]
+    dense = dense_nll(model, ids, chunk_size=33)
+    torch.testing.assert_close(streaming_nll(model, ids, 4, 200), dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(streaming_nll(model, ids, 0, 200), dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(recompute_nll(model, ids, 200, batch_size=16), dense, atol=1e-5, rtol=0)
+
+
+def test_recompute_reruns_the_last_window_from_scratch(model):
+    window, stride = 16, 7
+    nll = recompute_nll(model, IDS[:80], window, stride=stride, batch_size=4)
+    scored = (~nll.isnan()).nonzero().flatten().tolist()
+    assert scored == list(range(0, 79, stride))
+    i = scored[-1]
+    with torch.no_grad():
+        logits = model(input_ids=IDS[i - window + 1 : i + 1][None]).logits[0, -1]
+    expected = torch.nn.functional.cross_entropy(logits[None], IDS[i + 1 : i + 2])
+    assert math.isclose(float(nll[i]), float(expected), abs_tol=1e-5)
+
+
+def test_nll_by_method_runs_all_methods_on_the_same_tokens(model):
+    out = nll_by_method(model, IDS, start_size=4, recent_size=28, stride=10, chunk_size=50)
+    assert set(out) == {"dense", "window", "recompute", "streaming"}
+    assert all(v.shape == (299,) for v in out.values())
+    with pytest.raises(ValueError, match="Unknown methods"):
+        nll_by_method(model, IDS, methods=("magic",))
+
+
+def test_perplexity_helpers():
+    nll = torch.tensor([math.log(2.0)] * 4 + [float("nan")])
+    assert math.isclose(perplexity(nll), 2.0, rel_tol=1e-6)
+    assert windowed_perplexity(torch.log(torch.tensor([2.0, 2.0, 4.0, 4.0])), 2) == pytest.approx([2.0, 4.0])
+
+
+def test_sweeps(model):
+    sinks = sink_sweep(model, IDS, [0, 4], total=32)
+    assert [(r["start_size"], r["recent_size"]) for r in sinks] == [(0, 32), (4, 28)]
+    sizes = recent_sweep(model, IDS, [16, 32, 10**6], start_size=4)
+    assert [r["cache_size"] for r in sizes] == [20, 36]  # sizes beyond the trained length are skipped
+
+
+def test_stability_run_is_resumable(model, tmp_path):
+    full = stability_run(model, IDS, 4, 28, window=64, chunk_size=20, progress=False)
+    assert [r["to_token"] for r in full] == [64, 128, 192, 256, 299]
+    assert len({r["cache_bytes"] for r in full}) == 1
+    state = tmp_path / "state"
+    stability_run(model, IDS[:129], 4, 28, window=64, chunk_size=20, state_dir=state, progress=False)
+    resumed = stability_run(model, IDS, 4, 28, window=64, chunk_size=20, state_dir=state, resume=True, progress=False)
+    assert [r["to_token"] for r in resumed] == [64, 128, 192, 256, 299]
+    for a, b in zip(full[2:], resumed[2:], strict=True):
+        assert math.isclose(a["ppl"], b["ppl"], rel_tol=1e-5)
+
+
+def test_recall_trials_plant_the_fact_at_the_asked_distance():
+    tokenizer = AutoTokenizer.from_pretrained(resolve(None))
+    model = streaming_llm.install(tiny_llama(vocab_size=len(tokenizer)))
+    filler = "The sea was calm and the night was long. " * 400
+    rows = recall_vs_distance(model, tokenizer, filler, [32, 96], [48], ("streaming",), trials=2, progress=False)
+    assert len(rows) == 4 and {r["distance"] for r in rows} == {32, 96}
+    assert all(len(r["code"]) == 4 and isinstance(r["correct"], bool) for r in rows)
+    table = accuracy_table(rows)
+    assert [(t["distance"], t["trials"]) for t in table] == [(32, 2), (96, 2)]
+
+
+def test_cli_eval_ppl_writes_results(tmp_path, shakespeare):
+    text = tmp_path / "text.txt"
+    text.write_text(shakespeare[100_000:110_000])
+    command = [
+        sys.executable, "-m", "streaming_llm.cli", "eval", "ppl", "--text", str(text), "--tokens", "400",
+        "--methods", "window,streaming,recompute", "--recent-size", "60", "--stride", "40", "--slice", "100",
+        "--out", str(tmp_path / "out"), "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads((tmp_path / "out" / "ppl.json").read_text())
+    assert set(payload["summary"]) == {"window", "streaming", "recompute"}
+    assert payload["meta"]["tokens"] == 400 and "command" in payload["meta"]
+    assert (tmp_path / "out" / "ppl_running.png").stat().st_size > 0
+    assert (tmp_path / "out" / "ppl.csv").read_text().startswith("to_token,window,streaming")
