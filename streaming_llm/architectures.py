@@ -7,7 +7,8 @@ Anything that is not described here raises :class:`NotImplementedError` naming w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PretrainedConfig
@@ -33,6 +34,12 @@ UNSUPPORTED: dict[str, str] = {
 
 # RoPE types whose frequencies do not depend on the sequence length.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+# Frequencies read from a model's own rotary buffers, per config object (see `bind_model`). The
+# config describes which frequencies a layer uses; the model's buffers hold their exact values,
+# which can differ from a CPU recomputation in the last bit (e.g. when computed on a GPU).
+_MODEL_FREQUENCIES: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
+MATCH_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class ModelSpec:
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "rotary_dim": rope.rotary_dim,
-            "inv_freq_sum": round(float(rope.inv_freq.sum()), 9),
+            "inv_freq_sum": round(float(rope.inv_freq.sum()), 4),
         }
 
 
@@ -91,7 +98,7 @@ def describe(config: PretrainedConfig) -> ModelSpec:
         kinds = sorted(set(config.layer_types))
         raise NotImplementedError(f"'{model_type}' with layer types {kinds} is not supported yet.")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = _rope(config, head_dim)
+    rope = _exact(config, _rope(config, head_dim))
     num_layers = config.num_hidden_layers
     return ModelSpec(
         model_type=model_type,
@@ -100,6 +107,44 @@ def describe(config: PretrainedConfig) -> ModelSpec:
         head_dim=head_dim,
         ropes=(rope,) * num_layers,
     )
+
+
+def bind_model(model) -> None:
+    """Remember the exact frequencies of ``model``'s rotary buffers for its config.
+
+    Raises:
+        NotImplementedError: If a rotary buffer matches none of the frequencies the config describes.
+    """
+    described = {id(r): r for r in describe(model.config).ropes}.values()
+    buffers = [
+        m.inv_freq.detach().double().cpu()
+        for m in model.modules()
+        if isinstance(getattr(m, "inv_freq", None), torch.Tensor)
+    ]  # noqa: E501
+    for buffer in buffers:
+        if not any(_matches(buffer, rope.inv_freq) for rope in described):
+            raise NotImplementedError(
+                "The model's rotary frequencies differ from the ones its config describes; this RoPE variant is "
+                "not supported."
+            )
+    config = model.config
+    _MODEL_FREQUENCIES[id(config)] = (weakref.ref(config), buffers)
+    weakref.finalize(config, _MODEL_FREQUENCIES.pop, id(config), None)
+
+
+def _matches(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=MATCH_RTOL, atol=0)
+
+
+def _exact(config: PretrainedConfig, rope: Rope) -> Rope:
+    """``rope`` with the bound model's exact frequencies, when a model was bound to this config."""
+    entry = _MODEL_FREQUENCIES.get(id(config))
+    if entry is None or entry[0]() is not config:
+        return rope
+    for buffer in entry[1]:
+        if _matches(buffer, rope.inv_freq):
+            return replace(rope, inv_freq=buffer)
+    return rope
 
 
 def _rope(config: PretrainedConfig, head_dim: int) -> Rope:

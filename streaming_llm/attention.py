@@ -18,11 +18,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .architectures import describe
+from .architectures import bind_model
 from .cache import ATTN_IMPLEMENTATION, STEP_ATTR, Step
 
 # Queries per block in the banded path: bounds memory to block x (start + recent + block) scores.
-QUERY_BLOCK = 128
+# Small blocks are fastest on CPUs; on GPUs larger ones mean fewer kernel launches.
+QUERY_BLOCK = {"cpu": 128, "cuda": 1024}
 
 # Position ids are shared by every layer of a forward: parse them once (one host sync per forward).
 _last_positions: tuple[torch.Tensor, int] | None = None
@@ -119,8 +120,9 @@ def _banded(
     device = query.device
     pin_idx = torch.arange(n_pin, device=device)
     out = q.new_empty(q.shape)
-    for i0 in range(0, q_len, QUERY_BLOCK):
-        i1 = min(q_len, i0 + QUERY_BLOCK)
+    block = QUERY_BLOCK.get(device.type, 128)
+    for i0 in range(0, q_len, block):
+        i1 = min(q_len, i0 + block)
         t = step.t0 + torch.arange(i0, i1, device=device)  # stream indices of these queries
         lo = max(0, step.t0 + i0 - window - step.rest_start)
         hi = min(n_rest, step.t0 + i1 - step.rest_start)
@@ -160,8 +162,7 @@ def install(model: PreTrainedModel) -> PreTrainedModel:
     Raises:
         NotImplementedError: If the architecture cannot be streamed exactly.
     """
-    spec = describe(model.config)
-    _check_rope(model, spec.ropes[0].inv_freq)
+    bind_model(model)  # also raises for unsupported architectures
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
@@ -171,15 +172,3 @@ def uninstall(model: PreTrainedModel, implementation: str = "sdpa") -> PreTraine
     """Switch ``model`` back to a stock attention implementation."""
     model.set_attn_implementation(implementation)
     return model
-
-
-def _check_rope(model: PreTrainedModel, inv_freq: torch.Tensor) -> None:
-    """The frequencies read from the config must be the ones the model's rotary module uses."""
-    for name, module in model.named_modules():
-        buffer = getattr(module, "inv_freq", None)
-        same_shape = isinstance(buffer, torch.Tensor) and buffer.shape == inv_freq.shape
-        if same_shape and not torch.allclose(buffer.double().cpu(), inv_freq, rtol=1e-6, atol=0):
-            raise NotImplementedError(
-                f"The rotary frequencies of '{name}' differ from the ones its config describes; this "
-                "RoPE variant is not supported."
-            )

@@ -33,6 +33,7 @@ def add_parser(subparsers) -> None:
     ppl.add_argument("--methods", default="dense,window,recompute,streaming", help="comma-separated methods")
     ppl.add_argument("--stride", type=int, default=64, help="recompute scores every N-th token only (default 64)")
     ppl.add_argument("--slice", type=int, default=1024, help="tokens per point of the running-perplexity curve")
+    ppl.add_argument("--recompute-batch", type=int, default=8, help="windows per forward for recompute")
     ppl.set_defaults(run=run_ppl)
 
     sweep = commands.add_parser("sweep", help="sinks 0/1/2/4/8 at a fixed total; perplexity vs cache size")
@@ -48,6 +49,10 @@ def add_parser(subparsers) -> None:
     recall.add_argument("--windows", default="256,1024")
     recall.add_argument("--methods", default="dense,streaming,hybrid")
     recall.add_argument("--trials", type=int, default=10)
+    recall.add_argument("--hybrid-windows", default=None, help="windows for hybrid memory (default: --windows)")
+    recall.add_argument("--hybrid-trials", type=int, default=None, help="trials for hybrid memory (default: --trials)")
+    recall.add_argument("--update-every", type=int, default=256, help="hybrid: evicted tokens per summary update")
+    recall.add_argument("--summary-tokens", type=int, default=128, help="hybrid: largest summary (tokens)")
     recall.set_defaults(run=run_recall)
 
     stability = commands.add_parser("stability", help="perplexity and memory over the whole text, per window")
@@ -122,8 +127,9 @@ def run_ppl(args: argparse.Namespace) -> int:
     began = time.time()
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     nll = nll_by_method(
-        model, ids, methods, args.start_size, args.recent_size, args.stride, args.chunk_size, not args.no_progress
-    )
+        model, ids, methods, args.start_size, args.recent_size, args.stride, args.chunk_size, not args.no_progress,
+        args.recompute_batch,
+    )  # fmt: skip
     scored = ~nll["recompute"].isnan() if "recompute" in nll else None
     summary = {}
     for method, values in nll.items():
@@ -175,13 +181,16 @@ def run_sweep(args: argparse.Namespace) -> int:
 def run_recall(args: argparse.Namespace) -> int:
     from ..eval import plots
     from ..eval.recall import accuracy_table, recall_vs_distance
+    from ..memory import HybridMemory
 
     model, tokenizer = load(args)
     began = time.time()
+    memory = HybridMemory(max_tokens=args.summary_tokens, update_every=args.update_every)
+    hybrid_windows = [int(w) for w in args.hybrid_windows.split(",")] if args.hybrid_windows else None
     rows = recall_vs_distance(
         model, tokenizer, _text(args), [int(d) for d in args.distances.split(",")],
-        [int(w) for w in args.windows.split(",")], tuple(args.methods.split(",")), args.trials,
-        progress=not args.no_progress,
+        [int(w) for w in args.windows.split(",")], tuple(args.methods.split(",")), args.trials, memory=memory,
+        progress=not args.no_progress, hybrid_windows=hybrid_windows, hybrid_trials=args.hybrid_trials,
     )  # fmt: skip
     table = accuracy_table(rows)
     payload = {"meta": _meta(args, model, time.time() - began, 0), "accuracy": table, "trials": rows}

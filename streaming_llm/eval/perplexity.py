@@ -134,6 +134,7 @@ def nll_by_method(
     stride: int = 1,
     chunk_size: int = 512,
     progress: bool = False,
+    recompute_batch: int = 8,
 ) -> dict[str, torch.Tensor]:
     """Per-token NLL for each method, on the same tokens (``window`` and ``recompute`` use the
     same total cache, ``start_size + recent_size``)."""
@@ -144,7 +145,7 @@ def nll_by_method(
     runs = {
         "dense": lambda: dense_nll(model, ids, chunk_size, progress),
         "window": lambda: streaming_nll(model, ids, 0, total, chunk_size, progress),
-        "recompute": lambda: recompute_nll(model, ids, total, stride, progress=progress),
+        "recompute": lambda: recompute_nll(model, ids, total, stride, recompute_batch, progress),
         "streaming": lambda: streaming_nll(model, ids, start_size, recent_size, chunk_size, progress),
     }
     return {method: runs[method]() for method in methods}

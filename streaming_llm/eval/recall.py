@@ -65,14 +65,23 @@ def recall_vs_distance(
     seed: int = 0,
     memory: HybridMemory | None = None,
     progress: bool = True,
+    hybrid_windows: list[int] | None = None,
+    hybrid_trials: int | None = None,
 ) -> list[dict]:
     """Accuracy trials for every (method, window, distance); ``dense`` ignores ``windows`` and keeps
-    everything the model can hold."""
+    everything the model can hold. Hybrid memory is slow (it summarises with the model), so it can
+    run fewer trials on fewer windows."""
     rng = random.Random(seed)
     plan = []
     for method in methods:
-        for window in [model.config.max_position_embeddings - 8] if method == "dense" else windows:
-            plan += [(method, window, d) for d in distances for _ in range(trials)]
+        if method == "dense":
+            method_windows, count = [model.config.max_position_embeddings - 8], trials
+        elif method == "hybrid":
+            method_windows, count = hybrid_windows or windows, hybrid_trials or trials
+        else:
+            method_windows, count = windows, trials
+        for window in method_windows:
+            plan += [(method, window, d) for d in distances for _ in range(count)]
     rows = []
     for method, window, distance in tqdm(plan, desc="recall", disable=not progress):
         trial = run_trial(model, tokenizer, filler, method, window, distance, rng, memory or HybridMemory())
