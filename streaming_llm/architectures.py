@@ -39,7 +39,7 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # config describes which frequencies a layer uses; the model's buffers hold their exact values,
 # which can differ from a CPU recomputation in the last bit (e.g. when computed on a GPU).
 _MODEL_FREQUENCIES: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
-MATCH_RTOL = 1e-4
+MATCH_RTOL = 1e-2  # wide enough for buffers cast to bf16 by model.to(); variants differ far more
 
 
 @dataclass(frozen=True)
