@@ -1,8 +1,17 @@
 """Which models StreamingLLM supports, described as data.
 
-An architecture is a small description read from its config: how its layers apply rotary
-position embeddings (inverse frequencies, rotated dims). Nothing of the model's forward is copied.
-Anything that is not described here raises :class:`NotImplementedError` naming what is supported.
+An architecture is a small description read from its config: for every layer, how it applies
+rotary position embeddings (inverse frequencies, rotated dims) and whether it is a full-attention
+layer or one of the model's own sliding-window (local) layers. Nothing of a model's forward is
+copied. Anything not described here raises :class:`NotImplementedError` naming what is supported.
+
+What streaming means per layer type:
+
+* ``full_attention`` layers get StreamingLLM: ``start_size`` sinks + the ``recent_size`` window, at
+  positions inside the cache.
+* ``sliding_attention`` layers (Mistral/Qwen2 with a sliding window, Phi-3 with ``sliding_window``,
+  the local layers of Gemma2/Gemma3) keep exactly what the model was trained to see: the last
+  ``sliding_window`` tokens, no sinks. That is already bounded, so they stream as they are.
 """
 
 from __future__ import annotations
@@ -16,30 +25,57 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .positions import Rope
 
-# model_type -> family name shown to users. Each entry is proven against the slow reference
-# in tests/test_architectures.py.
+# model_type -> family name shown to users. Each entry is proven against the slow reference in
+# tests/test_architectures.py; the README's support matrix is generated from that test list.
 SUPPORTED: dict[str, str] = {
     "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "phi3": "Phi-3",
+    "gpt_neox": "GPT-NeoX / Pythia",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text)",
+    "olmo": "OLMo",
+    "olmo2": "OLMo 2",
 }
 
 # Position schemes we know we cannot stream (yet), with the reason shown to users.
 UNSUPPORTED: dict[str, str] = {
-    "bloom": "ALiBi attention biases",
-    "mpt": "ALiBi attention biases",
+    "bloom": "ALiBi attention biases (not a rotary position scheme)",
+    "mpt": "ALiBi attention biases (not a rotary position scheme)",
+    "falcon": "its attention does not go through transformers' AttentionInterface, so it cannot be switched "
+    "without patching its forward",
     "gpt2": "learned absolute position embeddings",
     "gpt_bigcode": "learned absolute position embeddings",
     "opt": "learned absolute position embeddings",
     "gptj": "interleaved (GPT-J style) rotary embeddings",
 }
 
-# RoPE types whose frequencies do not depend on the sequence length.
+# RoPE types whose frequencies do not depend on the sequence length ("longrope" is handled apart).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Frequencies read from a model's own rotary buffers, per config object (see `bind_model`). The
 # config describes which frequencies a layer uses; the model's buffers hold their exact values,
-# which can differ from a CPU recomputation in the last bit (e.g. when computed on a GPU).
+# which can differ from a CPU recomputation in the last bits (computed on a GPU, or cast to bf16).
 _MODEL_FREQUENCIES: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
 MATCH_RTOL = 1e-2  # wide enough for buffers cast to bf16 by model.to(); variants differ far more
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer, as the streaming cache sees it.
+
+    Attributes:
+        rope: How the layer rotates queries and keys.
+        sliding_window: None for a full-attention layer (sinks + window); ``w`` for a layer that
+            natively attends to its last ``w`` tokens only.
+    """
+
+    rope: Rope
+    sliding_window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,28 +84,37 @@ class ModelSpec:
 
     Attributes:
         model_type: ``config.model_type``.
-        num_layers: Number of decoder layers.
         num_kv_heads: Key/value heads per layer.
         head_dim: Size of one head.
-        ropes: One :class:`Rope` per layer.
+        layers: One :class:`LayerSpec` per decoder layer.
+        position_limit: Model positions must stay below this (Phi-3 "longrope" switches to other
+            frequencies past ``original_max_position_embeddings``); None when unbounded.
     """
 
     model_type: str
-    num_layers: int
     num_kv_heads: int
     head_dim: int
-    ropes: tuple[Rope, ...]
+    layers: tuple[LayerSpec, ...]
+    position_limit: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def ropes(self) -> tuple[Rope, ...]:
+        return tuple(layer.rope for layer in self.layers)
 
     def identity(self) -> dict[str, object]:
         """Fields that must match for a cache to be reused with a model (also saved in sessions)."""
-        rope = self.ropes[0]
         return {
             "model_type": self.model_type,
             "num_layers": self.num_layers,
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "rotary_dim": rope.rotary_dim,
-            "inv_freq_sum": round(float(rope.inv_freq.sum()), 4),
+            "rotary_dims": sorted({layer.rope.rotary_dim for layer in self.layers}),
+            "inv_freq_sums": sorted({round(float(layer.rope.inv_freq.sum()), 4) for layer in self.layers}),
+            "sliding_windows": [layer.sliding_window for layer in self.layers],
         }
 
 
@@ -79,10 +124,7 @@ def supported_list() -> str:
 
 
 def describe(config: PretrainedConfig) -> ModelSpec:
-    """Read a :class:`ModelSpec` from a model config.
-
-    Args:
-        config: A transformers config (or a model, whose ``.config`` is used).
+    """Read a :class:`ModelSpec` from a model config (or a model).
 
     Raises:
         NotImplementedError: For architectures or position schemes that cannot be streamed exactly.
@@ -94,33 +136,85 @@ def describe(config: PretrainedConfig) -> ModelSpec:
         raise NotImplementedError(
             f"StreamingLLM does not support model_type '{model_type}' ({reason}). Supported: {supported_list()}."
         )
-    if getattr(config, "layer_types", None) and any(t != "full_attention" for t in config.layer_types):
-        kinds = sorted(set(config.layer_types))
-        raise NotImplementedError(f"'{model_type}' with layer types {kinds} is not supported yet.")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise NotImplementedError(f"'{model_type}' with bidirectional attention cannot stream.")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = _exact(config, _rope(config, head_dim))
-    num_layers = config.num_hidden_layers
+    layers, limit = [], None
+    for layer_type in _layer_types(config, model_type):
+        rope, layer_limit = _rope(config, head_dim, layer_type)
+        limit = layer_limit if limit is None else min(limit, layer_limit or limit)
+        window = config.sliding_window if layer_type == "sliding_attention" else None
+        layers.append(LayerSpec(_exact(config, rope), window))
     return ModelSpec(
         model_type=model_type,
-        num_layers=num_layers,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         head_dim=head_dim,
-        ropes=(rope,) * num_layers,
+        layers=tuple(layers),
+        position_limit=limit,
     )
+
+
+def _layer_types(config: PretrainedConfig, model_type: str) -> list[str]:
+    """The attention type of every layer, decided as transformers' own caches decide it."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        kind = "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+        types = [kind] * config.num_hidden_layers
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise NotImplementedError(f"'{model_type}' has layer types {unknown}; supported: {', '.join(LAYER_TYPES)}.")
+    return list(types)
+
+
+def _rope_parameters(config: PretrainedConfig, layer_type: str) -> tuple[dict, str | None]:
+    """The RoPE parameters of a layer type (Gemma 3 keeps one set per layer type)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type in params and isinstance(params[layer_type], dict):
+        return dict(params[layer_type]), layer_type
+    return params, None
+
+
+def _rope(config: PretrainedConfig, head_dim: int, layer_type: str) -> tuple[Rope, int | None]:
+    params, keyed_type = _rope_parameters(config, layer_type)
+    rope_type = params.get("rope_type", "default")
+    limit = None
+    if rope_type == "longrope":
+        # Frequencies switch from the short to the long factors once a forward's largest position
+        # passes original_max_position_embeddings; keeping positions below it keeps one set.
+        limit = params.get("original_max_position_embeddings") or config.original_max_position_embeddings
+    elif rope_type not in STATIC_ROPE_TYPES:
+        raise NotImplementedError(
+            f"RoPE type '{rope_type}' changes its frequencies with the sequence length; supported RoPE types: "
+            f"{', '.join((*STATIC_ROPE_TYPES, 'longrope'))}."
+        )
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    rotary_dim = int(head_dim * partial)
+    if rope_type == "default":
+        # Same float32 computation as transformers' default RoPE initialisation.
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        inv_freq = 1.0 / (params["rope_theta"] ** exponents)
+    elif rope_type == "longrope":
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=0)  # the short factors
+    elif keyed_type is not None:
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=keyed_type)
+    else:
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    return Rope(inv_freq=inv_freq.to(torch.float64), rotary_dim=rotary_dim), limit
 
 
 def bind_model(model) -> None:
     """Remember the exact frequencies of ``model``'s rotary buffers for its config.
 
     Raises:
-        NotImplementedError: If a rotary buffer matches none of the frequencies the config describes.
+        NotImplementedError: If the architecture is unsupported, or a rotary buffer matches none of
+            the frequencies its config describes (an unknown RoPE variant).
     """
-    described = {id(r): r for r in describe(model.config).ropes}.values()
+    described = describe(model.config).ropes
     buffers = [
-        m.inv_freq.detach().double().cpu()
-        for m in model.modules()
-        if isinstance(getattr(m, "inv_freq", None), torch.Tensor)
-    ]  # noqa: E501
+        buffer.detach().double().cpu()
+        for name, buffer in model.named_buffers()
+        if name.endswith("inv_freq") and "original" not in name.rsplit(".", 1)[-1]
+    ]
     for buffer in buffers:
         if not any(_matches(buffer, rope.inv_freq) for rope in described):
             raise NotImplementedError(
@@ -141,26 +235,8 @@ def _exact(config: PretrainedConfig, rope: Rope) -> Rope:
     entry = _MODEL_FREQUENCIES.get(id(config))
     if entry is None or entry[0]() is not config:
         return rope
-    for buffer in entry[1]:
-        if _matches(buffer, rope.inv_freq):
-            return replace(rope, inv_freq=buffer)
-    return rope
-
-
-def _rope(config: PretrainedConfig, head_dim: int) -> Rope:
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = params.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise NotImplementedError(
-            f"RoPE type '{rope_type}' changes its frequencies with the sequence length; supported RoPE types: "
-            f"{', '.join(STATIC_ROPE_TYPES)}."
-        )
-    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-    rotary_dim = int(head_dim * partial)
-    if rope_type == "default":
-        # Same float32 computation as transformers' default RoPE initialisation.
-        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
-        inv_freq = 1.0 / (params["rope_theta"] ** exponents)
-    else:
-        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-    return Rope(inv_freq=inv_freq.to(torch.float64), rotary_dim=rotary_dim)
+    candidates = [b for b in entry[1] if _matches(b, rope.inv_freq)]
+    if not candidates:
+        return rope
+    best = min(candidates, key=lambda b: float((b - rope.inv_freq).abs().max()))
+    return replace(rope, inv_freq=best)

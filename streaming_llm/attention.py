@@ -45,10 +45,14 @@ def streaming_attention_forward(
     returns ``(batch, q_len, heads, head_dim)``.
     """
     step: Step | None = getattr(key, STEP_ATTR, None)
-    if step is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    softcap = kwargs.get("softcap")  # Gemma 2's attention-logit soft-capping
+    if step is None:  # any other cache, or none: plain attention with transformers' mask
+        if softcap is None:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return _eager(query, key, value, attention_mask, scaling, softcap).transpose(1, 2).contiguous(), None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = step.layer
@@ -56,10 +60,10 @@ def streaming_attention_forward(
     layer.align(step, m0, key)
     if step.mode == "inplace":  # one rotation for all queries (see Step)
         layer.rotate_pinned(m0 - layer.window.in_cache_position(step.t0, layer.segment_len))
-        out = _causal(query, key, value, scaling)
+        out = _causal(query, key, value, scaling, softcap)
     else:
         offsets = layer.window.pin_offsets(step.t0, m0, step.length, layer.segment_len)
-        out = _banded(query, key, value, step, offsets, scaling)
+        out = _banded(query, key, value, step, offsets, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -73,6 +77,13 @@ def _first_position(step: Step, position_ids: torch.Tensor | None) -> int:
         return _last_positions[1]
     rows = position_ids.reshape(-1, position_ids.shape[-1])
     m0 = int(rows[0, 0])
+    limit = layer.window.position_limit
+    if limit is not None and m0 + step.length > limit:
+        raise ValueError(
+            f"This model's RoPE switches to other frequencies past position {limit}, and this chunk reaches "
+            f"{m0 + step.length}. Feed shorter chunks (the streaming cache keeps its own positions small), and use "
+            "stream_generate rather than generate() for long outputs with this model."
+        )
     expected = torch.arange(m0, m0 + step.length, device=rows.device)
     if rows.shape[-1] != step.length or not bool((rows == expected).all()):
         raise ValueError(
@@ -83,19 +94,46 @@ def _first_position(step: Step, position_ids: torch.Tensor | None) -> int:
     return m0
 
 
-def _causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+def _causal(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
     """Plain attention where the queries are the last ``q_len`` keys (bottom-right causal)."""
     q_len, kv_len = query.shape[-2], key.shape[-2]
     mask = None
     if q_len > 1:
         q_idx = torch.arange(kv_len - q_len, kv_len, device=query.device)
         mask = torch.arange(kv_len, device=query.device)[None, :] <= q_idx[:, None]
+    if softcap is not None:
+        return _eager(query, key, value, mask, scaling, softcap)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
+def _eager(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """Attention written out (for soft-capped logits, which SDPA cannot do). ``mask``: boolean
+    (True = attend) or additive, broadcastable to the scores; returns ``(batch, heads, q_len, dim)``."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
+    scores = (q @ key[:, :, None].transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        mask = mask if mask.dim() < 4 else mask[:, :, None]  # (batch, 1, q, kv) -> per kv-head group
+        # The lowest finite value, not -inf: a fully padded row must give finite garbage, not NaNs
+        # that would leak into later tokens through their (zero-weighted) values.
+        lowest = torch.finfo(scores.dtype).min
+        scores = scores.masked_fill(~mask, lowest) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    return (probs @ value[:, :, None]).reshape(batch, heads, q_len, -1)
+
+
 def _banded(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: Step, offsets: torch.Tensor, scaling: float
-) -> torch.Tensor:
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: Step, offsets: torch.Tensor, scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Each query attends to the pinned keys (turned to sit before its window) and its own window.
 
     ``key``/``value`` are the working set ``[pinned | recent]``; recent key ``r`` has stream index
@@ -135,6 +173,8 @@ def _banded(
             dim=-1,
         ).float()
         scores.mul_(scaling)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap).mul_(softcap)
         hidden_rest = (u[None, :] < t[:, None] - window) | (u[None, :] > t[:, None])
         scores[..., n_pin:].masked_fill_(hidden_rest, float("-inf"))
         if step.t0 + i0 < n_sinks:  # sinks that come later in this chunk are still in the future

@@ -324,9 +324,25 @@ class StreamingCache(Cache):
             raise ValueError(f"segment_capacity must be >= 0, got {segment_capacity}")
         self.config = getattr(config, "config", config)
         self.spec: ModelSpec = describe(self.config)
-        self.window = Window(start_size, recent_size)
+        limit = self.spec.position_limit
+        self.window = Window(start_size, recent_size, limit)
+        if limit is not None and self.window.capacity + segment_capacity >= limit:
+            raise ValueError(
+                f"This model's RoPE changes frequencies past position {limit}, so the cache must stay well below it: "
+                f"start_size + recent_size = {self.window.capacity} is too large; use at most {limit // 2}."
+            )
         self.segment_capacity = segment_capacity
-        super().__init__(layers=[StreamingLayer(self.window, rope, segment_capacity) for rope in self.spec.ropes])
+        layers = []
+        for spec in self.spec.layers:
+            if spec.sliding_window is None:  # full attention: sinks + window
+                layers.append(StreamingLayer(self.window, spec.rope, segment_capacity))
+            else:  # the model's own sliding window, kept as trained
+                layers.append(StreamingLayer(Window(0, spec.sliding_window - 1, limit), spec.rope))
+        super().__init__(layers=layers)
+        # Positions follow the layer that holds the most (a full-attention layer when there is one).
+        self.policy = max(
+            range(len(layers)), key=lambda i: (layers[i].window is self.window, layers[i].window.capacity)
+        )
 
     # -- sizes and counters -----------------------------------------------------------------------
     @property
@@ -340,7 +356,7 @@ class StreamingCache(Cache):
     @property
     def seen_tokens(self) -> int:
         """Tokens processed since the cache was created or reset."""
-        return self.layers[0].seen
+        return self.layers[self.policy].seen
 
     @property
     def cached_tokens(self) -> int:
@@ -352,9 +368,14 @@ class StreamingCache(Cache):
         return self.seen_tokens - min(self.seen_tokens, self.window.capacity)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held by all cache tensors (constant once allocated)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
     def segment_len(self) -> int:
         """Tokens in the injected pinned segment (hybrid memory's summary), 0 without one."""
-        return self.layers[0].segment_len
+        return self.layers[self.policy].segment_len
 
     def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Replace the pinned segment placed after the sinks.
@@ -371,6 +392,8 @@ class StreamingCache(Cache):
             raise ValueError("A pinned segment can only be set once all the sinks are in the cache.")
         s = self.start_size
         for layer, k, v in zip(self.layers, keys, values, strict=True):
+            if not layer.segment_capacity:  # sliding layers keep their own window only
+                continue
             layer._check_shapes(k, v)
             layer.pinned_keys[:, :, s : s + n] = k
             layer.values[:, :, layer.sink_base - n : layer.sink_base] = v
@@ -378,9 +401,9 @@ class StreamingCache(Cache):
             layer.pinned_rotation = None
 
     # -- state, for saving and restoring sessions ------------------------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """All tensors and counters needed to rebuild this cache exactly."""
-        tensors, first = {}, self.layers[0]
+        tensors = {}
         for i, layer in enumerate(self.layers):
             if not layer.is_initialized:
                 raise ValueError("The cache is empty: nothing to save yet.")
@@ -389,17 +412,17 @@ class StreamingCache(Cache):
             tensors[f"layers.{i}.pinned_keys"] = layer.pinned_keys
         counters = {
             "start_size": self.start_size, "recent_size": self.recent_size, "segment_capacity": self.segment_capacity,
-            "seen": first.seen, "shift": first.shift, "segment_len": first.segment_len,
+            "layers": [{"seen": ly.seen, "shift": ly.shift, "segment_len": ly.segment_len} for ly in self.layers],
         }  # fmt: skip
         return tensors, counters
 
     @classmethod
-    def from_state(
-        cls, config: PretrainedConfig, tensors: dict[str, torch.Tensor], counters: dict[str, int]
-    ) -> StreamingCache:
+    def from_state(cls, config: PretrainedConfig, tensors: dict[str, torch.Tensor], counters: dict) -> StreamingCache:
         """Rebuild a cache saved with :meth:`state` (tensors are copied to the model's device by the caller)."""
         cache = cls(config, counters["start_size"], counters["recent_size"], counters["segment_capacity"])
-        for i, layer in enumerate(cache.layers):
+        if len(counters["layers"]) != len(cache.layers):
+            raise ValueError(f"{len(counters['layers'])} layers saved, but this model has {len(cache.layers)}.")
+        for i, (layer, saved) in enumerate(zip(cache.layers, counters["layers"], strict=True)):
             keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
             layer.lazy_initialization(keys, values)
             if layer.keys.shape != keys.shape or layer.pinned_keys.shape != tensors[f"layers.{i}.pinned_keys"].shape:
@@ -407,14 +430,9 @@ class StreamingCache(Cache):
             layer.keys.copy_(keys)
             layer.values.copy_(values)
             layer.pinned_keys.copy_(tensors[f"layers.{i}.pinned_keys"])
-            layer.seen, layer.shift = counters["seen"], counters["shift"]
-            layer.segment_len, layer.pinned_rotation = counters["segment_len"], None
+            layer.seen, layer.shift, layer.segment_len = saved["seen"], saved["shift"], saved["segment_len"]
+            layer.pinned_rotation = None
         return cache
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by all cache tensors (constant once allocated)."""
-        return sum(layer.nbytes for layer in self.layers)
 
     # -- transformers' Cache contract -------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -435,9 +453,10 @@ class StreamingCache(Cache):
         """Position the model should give the next token.
 
         Not the number of tokens seen (that is :attr:`seen_tokens`): positions stay below
-        ``2 * (start_size + recent_size)`` so RoPE stays exact on endless streams.
+        ``2 * (start_size + recent_size)`` so RoPE stays exact on endless streams. The same for
+        every layer (they all see the same positions); ``layer_idx`` is accepted for compatibility.
         """
-        return self.layers[layer_idx].get_seq_length()
+        return self.layers[self.policy].get_seq_length()
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0
@@ -458,22 +477,26 @@ class StreamingCache(Cache):
                 f"The DynamicCache has {len(cache.layers)} layers but this model has {len(streaming.layers)}; "
                 "it comes from another model."
             )
+        total = max(getattr(source, "cumulative_length", 0) or source.get_seq_length() for source in cache.layers)
         for source, layer in zip(cache.layers, streaming.layers, strict=True):
             keys, values = source.keys, source.values
             if keys is None or keys.numel() == 0:
                 continue
             layer.lazy_initialization(keys, values)
             layer._check_shapes(keys, values)
-            total = keys.shape[-2]
-            n_sinks = min(total, start_size)
+            held = keys.shape[-2]  # a sliding layer of transformers holds only its last tokens
+            start, recent = layer.window.start_size, layer.window.recent_size
+            n_sinks = min(total, start)
+            if n_sinks and held != total:
+                raise ValueError("This DynamicCache has already dropped tokens; it cannot be taken over.")
             layer.keys[:, :, layer.sink_base : layer.sink_base + n_sinks] = keys[:, :, :n_sinks]
             layer.values[:, :, layer.sink_base : layer.sink_base + n_sinks] = values[:, :, :n_sinks]
             layer.pinned_keys[:, :, :n_sinks] = keys[:, :, :n_sinks]
-            first = max(start_size, total - recent_size)
+            first = max(start, total - recent, total - held)
             if first < total:
                 slots = layer.ring_slot(torch.arange(first, total, device=keys.device))
-                layer.keys.index_copy_(2, slots, keys[:, :, first:total])
-                layer.values.index_copy_(2, slots, values[:, :, first:total])
+                layer.keys.index_copy_(2, slots, keys[:, :, first - total + held :])
+                layer.values.index_copy_(2, slots, values[:, :, first - total + held :])
             layer.seen, layer.shift, layer.pinned_rotation = total, 0, 0
         return streaming
 

@@ -102,10 +102,12 @@ class Window:
         start_size: Number of first stream tokens kept forever (attention sinks; a pinned
             system prompt makes this larger).
         recent_size: Number of most recent tokens kept.
+        position_limit: Model positions must stay below this, or None.
     """
 
     start_size: int
     recent_size: int
+    position_limit: int | None = None  # model positions must stay below this (see ModelSpec)
 
     @property
     def capacity(self) -> int:
@@ -146,6 +148,9 @@ class Window:
     def next_model_position(self, seen: int, shift: int | None, extra_pinned: int = 0) -> int:
         """Position to give the next token: the current frame's, or its in-cache one after a rebase."""
         m = seen - (shift or 0)
-        if m <= REBASE_FACTOR * (self.capacity + extra_pinned):
+        threshold = REBASE_FACTOR * (self.capacity + extra_pinned)
+        if self.position_limit is not None:  # leave room below the limit for the coming chunk
+            threshold = min(threshold, (self.position_limit + self.capacity + extra_pinned) // 2)
+        if m <= threshold:
             return m
         return self.in_cache_position(seen, extra_pinned)

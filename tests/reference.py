@@ -8,6 +8,9 @@ It shares no code with the package: the model runs with ``position_ids = 0`` (wh
 identity rotation, so the attention function receives raw queries and keys) and with this file's
 own attention function, registered under its own name. Only the model's projections, norms and
 MLPs are reused.
+
+Layers the model itself trains as sliding-window layers keep their last ``sliding_window`` tokens
+(no sinks), also at slot positions; soft-capped logits (Gemma 2) are capped as the model does.
 """
 
 from __future__ import annotations
@@ -33,7 +36,19 @@ class SlowStreamingReference:
 
     def __init__(self, model, start: int, recent: int):
         self.model, self.start, self.recent = model, start, recent
-        self.inv_freq = next(m.inv_freq for m in model.modules() if hasattr(m, "inv_freq")).double()
+        config = model.config
+        types = getattr(config, "layer_types", None)
+        if types is None:
+            sliding = getattr(config, "sliding_window", None) is not None
+            types = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+        buffers = dict(model.named_buffers())
+        self.layers = []  # per layer: (inv_freq, kept sinks, kept recent)
+        for layer_type in types:
+            name = next(n for n in buffers if n.endswith(f"{layer_type}_inv_freq") or n.endswith("rotary_emb.inv_freq"))
+            if layer_type == "sliding_attention":
+                self.layers.append((buffers[name].double(), 0, config.sliding_window - 1))
+            else:
+                self.layers.append((buffers[name].double(), start, recent))
         self.keys: dict[int, list[torch.Tensor]] = {}
         self.values: dict[int, list[torch.Tensor]] = {}
         AttentionInterface.register(NAME, self._attention)
@@ -45,19 +60,22 @@ class SlowStreamingReference:
         values = self.values.setdefault(layer, [])
         keys.append(key)
         values.append(value)
+        inv_freq, start, recent = self.layers[layer]
         n = len(keys)
         slots = torch.arange(n)
-        k = _rotate(torch.cat(keys, dim=-2), slots, self.inv_freq)
+        k = _rotate(torch.cat(keys, dim=-2), slots, inv_freq)
         v = torch.cat(values, dim=-2).double()
-        q = _rotate(query, slots[-1:], self.inv_freq)
+        q = _rotate(query, slots[-1:], inv_freq)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        probs = ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1)
-        out = (probs @ v).to(query.dtype)
-        if n > self.start + self.recent:  # evict: keep the first `start` and the latest `recent`
-            del keys[self.start], values[self.start]
+        scores = (q @ k.transpose(-1, -2)) * scale
+        if kwargs.get("softcap") is not None:
+            scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+        out = (scores.softmax(dim=-1) @ v).to(query.dtype)
+        if n > start + recent:  # evict: keep the first `start` and the latest `recent`
+            del keys[start], values[start]
         return out.transpose(1, 2).contiguous(), None
 
     @torch.no_grad()

@@ -217,15 +217,15 @@ def test_cache_from_another_model_is_rejected(llama):
 def test_unsupported_architecture_names_the_supported_list():
     from transformers import BloomConfig, GPT2Config
 
-    with pytest.raises(NotImplementedError, match=r"gpt2.*learned absolute.*Supported: Llama"):
+    with pytest.raises(NotImplementedError, match=r"gpt2.*learned absolute.*Supported: Llama \(llama\), Mistral"):
         StreamingCache(GPT2Config(), 4, 8)
     with pytest.raises(NotImplementedError, match=r"bloom.*ALiBi"):
         StreamingCache(BloomConfig(), 4, 8)
 
 
-def test_hybrid_layer_types_are_rejected():
+def test_unknown_layer_types_are_rejected():
     config = tiny_llama().config
-    config.layer_types = ["sliding_attention", "full_attention"]
+    config.layer_types = ["chunked_attention", "full_attention"]
     with pytest.raises(NotImplementedError, match="layer types"):
         StreamingCache(config, 4, 8)
 

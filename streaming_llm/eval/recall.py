@@ -18,6 +18,7 @@ from ..session import StreamingSession
 
 COLORS = ("blue", "red", "green", "yellow", "white", "black", "orange", "purple")
 LEAD_TOKENS = 64  # filler before the fact, so the fact is never one of the pinned start tokens
+ANSWER_TOKENS = 32  # room for a sentence around the code (digits are single tokens)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def run_trial(
         memory=memory if method == "hybrid" else None,
     )  # fmt: skip
     session.ingest(document, progress=False)
-    answer = session.chat(f"What is the pass code of the {color} door? Answer with the number only.", 12)
+    answer = session.chat(f"What is the pass code of the {color} door? Answer with the number only.", ANSWER_TOKENS)
     return RecallTrial(method, window, distance, code, answer.strip(), code in answer)
 
 
