@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .architectures import describe
 from .attention import install
 from .cache import StreamingCache
 from .chat_template import IncrementalChatTemplate
@@ -102,6 +103,11 @@ class StreamingSession:
         opening = self._tokens(self.template.add("system", system_prompt)) if system_prompt else []
         pinned = max(start_size, len(opening)) if pin_system_prompt else start_size
         capacity = memory.max_tokens if memory else 0
+        if memory and any(layer.sliding_window for layer in describe(model.config).layers):
+            raise NotImplementedError(
+                "Hybrid memory is not available for models with sliding-window layers (their local layers have no "
+                "pinned slot for a summary); use plain streaming with this model."
+            )
         self.cache = StreamingCache(model.config, pinned, recent_size, segment_capacity=capacity)
         # Token ids currently in the window, and those evicted but not yet summarised (hybrid memory).
         self.window_ids: deque[int] = deque(maxlen=recent_size)

@@ -220,3 +220,13 @@ def test_hybrid_memory_summarises_evicted_text(model, tokenizer):
     assert calls and all(text.strip() for text in calls)
     assert 0 < session.stats().summary_tokens <= 48
     assert calls[0].startswith("user\nLine 0:")  # the first text to leave the window is summarised first
+
+
+def test_hybrid_memory_refuses_models_with_sliding_layers(tokenizer):
+    import transformers as T
+
+    config = T.MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8)  # fmt: skip
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(NotImplementedError, match="sliding-window layers"):
+        StreamingSession(model, tokenizer, recent_size=64, memory=HybridMemory())
