@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm import StreamingCache, install  # noqa: E402
-from streaming_llm.compat import cache_kwargs  # noqa: E402
+from streaming_llm.benchmark import measure_decode  # noqa: E402
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -33,46 +32,6 @@ TINY = dict(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=8192,
 )  # fmt: skip
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
-@torch.no_grad()
-def measure(model, make_cache, context: int, decode: int, chunk: int) -> dict:
-    device = model.device
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    cache = make_cache()
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
-    sync(device)
-    began = time.perf_counter()
-    for i in range(0, context, chunk):
-        out = model(input_ids=ids[:, i : i + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-    sync(device)
-    prefill = time.perf_counter() - began
-    token = out.logits[:, -1:].argmax(-1)
-    for _ in range(3):  # warm-up steps (not timed)
-        token = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
-    sync(device)
-    began = time.perf_counter()
-    for _ in range(decode):
-        token = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
-    sync(device)
-    step = (time.perf_counter() - began) / decode
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {
-        "context": context, "ms_per_token": 1000 * step, "tokens_per_s": 1 / step,
-        "prefill_tokens_per_s": context / prefill, "cache_mib": cache_bytes(cache) / 2**20, "peak_gpu_mib": peak,
-    }  # fmt: skip
 
 
 def main() -> None:
@@ -101,7 +60,8 @@ def main() -> None:
     rows = []
     for context in args.contexts:
         for method, make in methods.items():
-            row = {"method": method, **measure(model, make, context, args.decode, args.chunk)}
+            row = {"method": method, **measure_decode(model, make, context, args.decode, args.chunk)}
+            row.pop("tokens")
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = ("context", "HF ms/tok", "ours ms/tok", "HF/ours", "HF cache", "ours cache")

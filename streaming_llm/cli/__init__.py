@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, eval, generate, ingest
+from . import bench, chat, eval, generate, ingest
 
-COMMANDS = (generate, chat, ingest, eval)
+COMMANDS = (generate, chat, ingest, eval, bench)
 
 
 def main(argv: list[str] | None = None) -> int:
