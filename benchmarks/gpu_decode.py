@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--stock", action="store_true", help="also time DynamicCache with transformers' own sdpa")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -57,9 +58,12 @@ def main() -> None:
         "dynamic": lambda: DynamicCache(config=model.config),
         "streaming": lambda: StreamingCache(model.config, args.start_size, args.recent_size),
     }
+    if args.stock:  # transformers' own sdpa attention, to check the switched model costs nothing extra
+        methods = {"dynamic-stock": methods["dynamic"], **methods}
     rows = []
     for context in args.contexts:
         for method, make in methods.items():
+            model.set_attn_implementation("sdpa" if method == "dynamic-stock" else "streaming_llm")
             row = {"method": method, **measure_decode(model, make, context, args.decode, args.chunk)}
             row.pop("tokens")
             rows.append(row)
@@ -68,7 +72,9 @@ def main() -> None:
     print("\n" + " | ".join(f"{h:>11}" for h in header))
     ratios = []
     for context in args.contexts:
-        hf, ours = (next(r for r in rows if r["method"] == m and r["context"] == context) for m in methods)
+        hf, ours = (
+            next(r for r in rows if r["method"] == m and r["context"] == context) for m in ("dynamic", "streaming")
+        )
         ratio = hf["ms_per_token"] / ours["ms_per_token"]
         ratios.append({"context": context, "speedup": ratio, "cache_ratio": hf["cache_mib"] / ours["cache_mib"]})
         cells = (context, f"{hf['ms_per_token']:.2f}", f"{ours['ms_per_token']:.2f}", f"{ratio:.2f}x",
