@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per context, order rotated; medians kept")
     parser.add_argument("--stock", action="store_true", help="also time DynamicCache with transformers' own sdpa")
     args = parser.parse_args()
 
@@ -60,14 +61,28 @@ def main() -> None:
     }
     if args.stock:  # transformers' own sdpa attention, to check the switched model costs nothing extra
         methods = {"dynamic-stock": methods["dynamic"], **methods}
-    rows = []
+    rows, runs = [], []
     for context in args.contexts:
-        for method, make in methods.items():
-            model.set_attn_implementation("sdpa" if method == "dynamic-stock" else "streaming_llm")
-            row = {"method": method, **measure_decode(model, make, context, args.decode, args.chunk)}
-            row.pop("tokens")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        names = list(methods)
+        for repeat in range(args.repeats):  # rotate the order: the first run after a change is slow
+            order = names[repeat % len(names) :] + names[: repeat % len(names)]
+            for method in order:
+                model.set_attn_implementation("sdpa" if method == "dynamic-stock" else "streaming_llm")
+                run = {
+                    "method": method,
+                    "repeat": repeat,
+                    **measure_decode(model, methods[method], context, args.decode, args.chunk),
+                }  # noqa: E501
+                run.pop("tokens")
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+        for method in names:  # the median over repeats
+            mine = sorted(
+                (r for r in runs if r["method"] == method and r["context"] == context), key=lambda r: r["ms_per_token"]
+            )  # noqa: E501
+            rows.append(
+                {**mine[len(mine) // 2], "repeats": len(mine), "all_ms_per_token": [r["ms_per_token"] for r in mine]}
+            )  # noqa: E501
     header = ("context", "HF ms/tok", "ours ms/tok", "HF/ours", "HF cache", "ours cache")
     print("\n" + " | ".join(f"{h:>11}" for h in header))
     ratios = []
@@ -91,7 +106,9 @@ def main() -> None:
             "cache": f"StreamingCache {args.start_size}+{args.recent_size} vs DynamicCache",
         }  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"meta": meta, "rows": rows, "ratios": ratios, "runs": runs}, indent=2)
+        )
 
 
 if __name__ == "__main__":
