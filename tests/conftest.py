@@ -47,6 +47,22 @@ def llama():
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer (with its chat template)."""
+    from transformers import AutoTokenizer
+
+    from streaming_llm.loading import resolve
+
+    return AutoTokenizer.from_pretrained(resolve(None))
+
+
+@pytest.fixture
+def model(tokenizer):
+    """A tiny random Llama over the real SmolLM2 vocabulary, switched to streaming attention."""
+    return streaming_llm.install(tiny_llama(vocab_size=len(tokenizer)))
+
+
+@pytest.fixture(scope="session")
 def smollm():
     from streaming_llm.loading import load_model
 

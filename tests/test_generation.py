@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from transformers import AutoTokenizer
 
-import streaming_llm
 from streaming_llm import StreamingCache
 from streaming_llm.detokenize import IncrementalDetokenizer, StopMatcher
 from streaming_llm.generation import generate, stream_generate
-from streaming_llm.loading import resolve
 from streaming_llm.sampling import Sampler, SamplingConfig
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve(None))
-
-
-@pytest.fixture
-def model(tokenizer):
-    """A tiny random Llama over the real SmolLM2 vocabulary."""
-    return streaming_llm.install(tiny_llama(vocab_size=len(tokenizer)))
-
 
 TEXTS = [
     "Hello, world!  Two spaces, then\ttab and\nnewline.",

@@ -5,27 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-from transformers import AutoTokenizer
 
 import streaming_llm
 from streaming_llm import StreamingCache
 from streaming_llm.compat import cache_kwargs
-from streaming_llm.loading import resolve
 from streaming_llm.memory import HybridMemory, encode_segment
 from streaming_llm.persistence import SessionFileError
 from streaming_llm.session import StreamingSession
 
 SYSTEM = "You are a terse assistant. Answer in one line."
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve(None))
-
-
-@pytest.fixture
-def model(tokenizer):
-    return streaming_llm.install(tiny_llama(vocab_size=len(tokenizer)))
 
 
 def recording(session: StreamingSession, monkeypatch) -> list[int]:

@@ -59,18 +59,8 @@ def streaming_nll(
         Float32 tensor ``(n - 1,)``: ``nll[i] = -log p(ids[i + 1] | what the cache keeps)``.
     """
     install(model)
-    ids = _as_row(model, ids)
     cache = StreamingCache(model.config, start_size, recent_size)
-    out = []
-    desc = f"streaming {start_size}+{recent_size}"
-    with tqdm(total=ids.shape[1], unit="tok", disable=not progress, desc=desc) as bar:
-        for i in range(0, ids.shape[1], chunk_size):
-            chunk = ids[:, i : i + chunk_size]
-            logits = model(input_ids=chunk, use_cache=True, **cache_kwargs(model, cache)).logits[0]
-            targets = ids[0, i + 1 : i + 1 + chunk.shape[1]]
-            out.append(_nll(logits[: targets.shape[0]], targets))
-            bar.update(chunk.shape[1])
-    return torch.cat(out)
+    return _chunked_nll(model, ids, cache, chunk_size, progress, f"streaming {start_size}+{recent_size}")
 
 
 @torch.no_grad()
@@ -78,10 +68,16 @@ def dense_nll(
     model: PreTrainedModel, ids: torch.Tensor, chunk_size: int = 1024, progress: bool = False
 ) -> torch.Tensor:
     """NLL with a full cache (``DynamicCache``): every token attends to the whole prefix."""
+    return _chunked_nll(model, ids, DynamicCache(config=model.config), chunk_size, progress, "dense")
+
+
+def _chunked_nll(
+    model: PreTrainedModel, ids: torch.Tensor, cache, chunk_size: int, progress: bool, desc: str
+) -> torch.Tensor:
+    """Feed ``ids`` through ``cache`` in chunks; NLL of every token after the first."""
     ids = _as_row(model, ids)
-    cache = DynamicCache(config=model.config)
     out = []
-    with tqdm(total=ids.shape[1], unit="tok", disable=not progress, desc="dense") as bar:
+    with tqdm(total=ids.shape[1], unit="tok", disable=not progress, desc=desc) as bar:
         for i in range(0, ids.shape[1], chunk_size):
             chunk = ids[:, i : i + chunk_size]
             logits = model(input_ids=chunk, use_cache=True, **cache_kwargs(model, cache)).logits[0]

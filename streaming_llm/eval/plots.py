@@ -14,6 +14,16 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, path: Path, title: str, legend: bool = True) -> None:
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
 def running_ppl(curves: dict[str, list[float]], slice_tokens: int, path: Path, title: str, trained: int | None = None):
     """Perplexity of consecutive slices vs tokens, one line per method (log scale)."""
     plt = _pyplot()
@@ -26,12 +36,7 @@ def running_ppl(curves: dict[str, list[float]], slice_tokens: int, path: Path, t
     ax.set_yscale("log")
     ax.set_xlabel("tokens")
     ax.set_ylabel(f"perplexity of each {slice_tokens}-token slice")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title)
 
 
 def sink_bars(rows: list[dict], path: Path, title: str):
@@ -42,10 +47,7 @@ def sink_bars(rows: list[dict], path: Path, title: str):
     ax.bar_label(bars, fmt="%.1f")
     ax.set_xlabel("sinks + recent tokens")
     ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title, legend=False)
 
 
 def cache_size_curve(rows: list[dict], path: Path, title: str):
@@ -58,12 +60,7 @@ def cache_size_curve(rows: list[dict], path: Path, title: str):
     ax.set_yscale("log")
     ax.set_xlabel("total cache (tokens)")
     ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title)
 
 
 def recall_curve(table: list[dict], path: Path, title: str):
@@ -82,12 +79,7 @@ def recall_curve(table: list[dict], path: Path, title: str):
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("tokens between the fact and the question")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title)
 
 
 def stability_plot(rows: list[dict], path: Path, title: str):
