@@ -169,6 +169,17 @@ class StreamingSession:
             stream.close()
             self._close_turn(generated, "".join(text))
 
+    def add_message(self, role: str, content: str) -> None:
+        """Feed a whole message without generating (e.g. earlier turns of a conversation being resumed)."""
+        self.feed(self._tokens(self.template.add(role, content)))
+        self.turns += role == "user"
+
+    def use_sampling(self, sampling: SamplingConfig) -> None:
+        """Sample the next replies differently (keeps the repetition-penalty history)."""
+        recent = list(self.sampler.recent)
+        self.sampling, self.sampler = sampling, Sampler(sampling, device=self.model.device)
+        self.sampler.observe(recent)
+
     def chat(self, message: str, max_new_tokens: int | None = 512, stop: tuple[str, ...] = ()) -> str:
         """Add a user message and return the whole reply."""
         return "".join(piece.text for piece in self.send(message, max_new_tokens, stop))

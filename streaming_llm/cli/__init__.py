@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, chat, eval, generate, ingest
+from . import bench, chat, eval, generate, ingest, serve
 
-COMMANDS = (generate, chat, ingest, eval, bench)
+COMMANDS = (generate, chat, ingest, eval, bench, serve)
 
 
 def main(argv: list[str] | None = None) -> int:
