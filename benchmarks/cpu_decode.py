@@ -26,11 +26,6 @@ DATA = Path(os.environ.get("STREAMING_LLM_DATA", HERE.parents[1] / "shared" / "d
 METHODS = ("streaming", "dynamic")
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -40,6 +35,7 @@ def worker(method: str, checkpoints: list[int], decode: int, threads: int) -> li
     from transformers import DynamicCache
 
     from streaming_llm import StreamingCache, install
+    from streaming_llm.benchmark import cache_bytes, rss_mib
     from streaming_llm.compat import cache_kwargs
     from streaming_llm.loading import load_model
 
@@ -67,13 +63,10 @@ def worker(method: str, checkpoints: list[int], decode: int, threads: int) -> li
                 token = out.logits[:, -1:].argmax(-1)
             elapsed = time.perf_counter() - start
             fed += decode
-            cache_bytes = sum(
-                t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-            )
             rows.append({
                 "method": method, "tokens_streamed": checkpoint, "ms_per_token": 1000 * elapsed / decode,
                 "tokens_per_s": decode / elapsed, "rss_mib": rss_mib(), "rss_above_model_mib": rss_mib() - base_rss,
-                "peak_rss_mib": peak_rss_mib(), "cache_mib": cache_bytes / 2**20,
+                "peak_rss_mib": peak_rss_mib(), "cache_mib": cache_bytes(cache) / 2**20,
             })  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows

@@ -7,6 +7,7 @@ steps are timed with device synchronisation.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,12 @@ from .compat import cache_kwargs
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now (MiB; Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def cache_bytes(cache: Cache) -> int:

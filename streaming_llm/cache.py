@@ -168,11 +168,7 @@ class StreamingLayer(CacheLayerMixin):
     def _update_inplace(self, k: torch.Tensor, v: torch.Tensor, t0: int, length: int):
         """No query in this chunk misses a token: write into place and return a view."""
         s = self.window.start_size
-        n_new_sinks = max(0, min(s, t0 + length) - t0)
-        if n_new_sinks:
-            sl = slice(self.sink_base + t0, self.sink_base + t0 + n_new_sinks)
-            self.keys[:, :, sl] = k[:, :, :n_new_sinks]
-            self.values[:, :, sl] = v[:, :, :n_new_sinks]
+        n_new_sinks = self._write_new_sinks(k, v, t0, length)
         ring_rows = slice(n_new_sinks, length)
         ring_slots = None
         if n_new_sinks < length:
@@ -187,12 +183,20 @@ class StreamingLayer(CacheLayerMixin):
         step = Step(self, t0, length, "inplace", k, ring_rows, ring_slots, n_new_sinks)
         return self.keys[:, :, first_slot:last], self.values[:, :, first_slot:last], step
 
+    def _write_new_sinks(self, k: torch.Tensor, v: torch.Tensor, t0: int, length: int) -> int:
+        """Store the chunk's tokens that are sinks (stream index < start_size); return how many."""
+        n = max(0, min(self.window.start_size, t0 + length) - t0)
+        if n:
+            self.keys[:, :, self.sink_base + t0 : self.sink_base + t0 + n] = k[:, :, :n]
+            self.values[:, :, self.sink_base + t0 : self.sink_base + t0 + n] = v[:, :, :n]
+        return n
+
     def _update_banded(self, k: torch.Tensor, v: torch.Tensor, t0: int, length: int):
         """The chunk crosses the eviction point: return ``[pinned | past recent | new recent]``
         as a temporary working set, then keep only what survives the chunk."""
         s, w = self.window.start_size, self.window.recent_size
-        n_new_sinks = max(0, min(s, t0 + length) - t0)
         n_old_sinks = min(t0, s)
+        n_new_sinks = self._write_new_sinks(k, v, t0, length)  # the working set reads them from k
         rest_start = max(s, t0 - w)
         past = torch.arange(rest_start, t0, device=self.device) if t0 > rest_start else None
         seg = slice(self.sink_base - self.segment_len, self.sink_base)
@@ -211,11 +215,7 @@ class StreamingLayer(CacheLayerMixin):
         pieces_v.append(v[:, :, n_new_sinks:])
         work_k, work_v = torch.cat(pieces_k, dim=2), torch.cat(pieces_v, dim=2)
 
-        # Keep what survives: new sinks, and the last ring_size recent tokens of the chunk.
-        if n_new_sinks:
-            sl = slice(self.sink_base + t0, self.sink_base + t0 + n_new_sinks)
-            self.keys[:, :, sl] = k[:, :, :n_new_sinks]
-            self.values[:, :, sl] = v[:, :, :n_new_sinks]
+        # Keep what survives: the new sinks, and the last ring_size recent tokens of the chunk.
         keep = min(length - n_new_sinks, self.ring_size)
         ring_rows = slice(length - keep, length)
         ring_slots = self.ring_slot(torch.arange(t0 + length - keep, t0 + length, device=self.device))

@@ -137,8 +137,6 @@ class Window:
         Returns:
             Int64 tensor ``(length,)``.
         """
-        if length == 1:  # the decode step: plain integers, no tensor work
-            return torch.tensor([m0 - self.in_cache_position(t0, extra_pinned)])
         t = torch.arange(t0, t0 + length, dtype=torch.int64)
         s, w = self.start_size, self.recent_size
         recent = (t - s).clamp(min=0).clamp(max=w)

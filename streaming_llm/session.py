@@ -120,7 +120,7 @@ class StreamingSession:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def feed(self, ids: list[int], progress: bool = False) -> torch.Tensor:
+    def feed(self, ids: list[int]) -> torch.Tensor:
         """Feed token ids into the cache (never re-processed); return the next-token logits."""
         for chunk_start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[chunk_start : chunk_start + self.prefill_chunk]

@@ -23,9 +23,9 @@ def recording(session: StreamingSession, monkeypatch) -> list[int]:
     fed: list[int] = []
     original_feed, original_step = session.feed, generation.decode_step
 
-    def feed(ids, progress=False):
+    def feed(ids):
         fed.extend(ids)
-        return original_feed(ids, progress)
+        return original_feed(ids)
 
     def decode_step(model, cache, token_id):
         fed.append(token_id)

@@ -12,11 +12,7 @@ from pathlib import Path
 
 import torch
 from conftest import tiny_llama
-
-import streaming_llm
-from streaming_llm import StreamingCache
-from streaming_llm.compat import cache_kwargs
-from streaming_llm.generation import decode_step, prefill
+from tp_worker import stream_and_decode
 
 START, RECENT = 4, 12
 
@@ -31,22 +27,12 @@ def test_two_rank_streaming_equals_one_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"out.rank{r}") for r in range(2)]
 
-    streaming_llm.install(model)
-    ids = torch.randint(0, 128, (1, 3 * (START + RECENT) + 11), generator=torch.Generator().manual_seed(0))
-    cache = StreamingCache(model.config, START, RECENT)
-    with torch.no_grad():
-        logits = torch.cat([model(input_ids=c, **cache_kwargs(model, cache)).logits[0] for c in ids.split(7, dim=1)])
-        greedy = StreamingCache(model.config, START, RECENT)
-        next_logits, tokens = prefill(model, greedy, ids[0, :10].tolist()), []
-        for _ in range(3 * (START + RECENT)):
-            tokens.append(int(next_logits.argmax()))
-            next_logits = decode_step(model, greedy, tokens[-1])
-
+    single = stream_and_decode(model, START, RECENT)
     for rank in ranks:
-        torch.testing.assert_close(rank["logits"], logits, atol=1e-5, rtol=0)
-        assert rank["tokens"] == tokens
-        assert rank["kv_heads"] == 1  # of the model's 2: each rank holds its own
-        assert rank["nbytes"] * 2 == cache.nbytes  # per-rank cache memory is half
+        torch.testing.assert_close(rank["logits"], single["logits"], atol=1e-5, rtol=0)
+        assert rank["tokens"] == single["tokens"]
+        assert rank["kv_heads"] == 1 and single["kv_heads"] == 2  # each rank holds its own of the 2 heads
+        assert rank["nbytes"] * 2 == single["nbytes"]  # per-rank cache memory is half
 
 
 def test_bench_command_runs_tensor_parallel():

@@ -1,4 +1,5 @@
-"""Run by tests/test_tensor_parallel.py under torchrun: stream with a tensor-parallel model."""
+"""Streaming run shared by tests/test_tensor_parallel.py: run under torchrun it streams with a
+tensor-parallel model; imported, the test runs the same function in one process."""
 
 from __future__ import annotations
 
@@ -6,30 +7,36 @@ import sys
 import warnings
 
 import torch
-import torch.distributed as dist
-from transformers import AutoModelForCausalLM
 
 import streaming_llm
 from streaming_llm import StreamingCache
 from streaming_llm.compat import cache_kwargs
 from streaming_llm.generation import decode_step, prefill
 
-warnings.simplefilter("ignore")
-model_dir, out, start, recent = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-dist.init_process_group("gloo")
-model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32).eval()
-streaming_llm.install(model)
-ids = torch.randint(
-    0, model.config.vocab_size, (1, 3 * (start + recent) + 11), generator=torch.Generator().manual_seed(0)
-)
-cache = StreamingCache(model.config, start, recent)
-with torch.no_grad():
+
+@torch.no_grad()
+def stream_and_decode(model, start: int, recent: int) -> dict:
+    """Logits of 3x-the-cache tokens streamed in chunks of 7, greedy tokens, and the cache's shape."""
+    streaming_llm.install(model)
+    length = 3 * (start + recent) + 11
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    cache = StreamingCache(model.config, start, recent)
     logits = torch.cat([model(input_ids=c, **cache_kwargs(model, cache)).logits[0] for c in ids.split(7, dim=1)])
     greedy = StreamingCache(model.config, start, recent)
     next_logits, tokens = prefill(model, greedy, ids[0, :10].tolist()), []
     for _ in range(3 * (start + recent)):
         tokens.append(int(next_logits.argmax()))
         next_logits = decode_step(model, greedy, tokens[-1])
-torch.save({"logits": logits, "tokens": tokens, "nbytes": cache.nbytes, "kv_heads": cache.layers[0].keys.shape[1]},
-           f"{out}.rank{dist.get_rank()}")  # fmt: skip
-dist.destroy_process_group()
+    return {"logits": logits, "tokens": tokens, "nbytes": cache.nbytes, "kv_heads": cache.layers[0].keys.shape[1]}
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    warnings.simplefilter("ignore")
+    model_dir, out, start, recent = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    dist.init_process_group("gloo")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32).eval()
+    torch.save(stream_and_decode(model, start, recent), f"{out}.rank{dist.get_rank()}")
+    dist.destroy_process_group()

@@ -19,14 +19,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..attention import install
+from ..benchmark import rss_mib
 from ..cache import StreamingCache
 from ..compat import cache_kwargs
 from .perplexity import _nll, perplexity
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @torch.no_grad()
@@ -68,7 +64,7 @@ def stability_run(
                 bar.update(j - i)
             rows.append({
                 "from_token": fed, "to_token": end, "ppl": perplexity(torch.cat(nll)),
-                "seconds": time.perf_counter() - began, "cache_bytes": cache.nbytes, "rss_mib": _rss_mib(),
+                "seconds": time.perf_counter() - began, "cache_bytes": cache.nbytes, "rss_mib": rss_mib(),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "gpu_peak_mib": torch.cuda.max_memory_allocated(model.device) / 2**20 if cuda else None,
                 "model_position": cache.get_seq_length(),
