@@ -1,16 +1,21 @@
 """The streaming attention function, registered with transformers' attention interface.
 
-Registered as ``"streaming_llm"``. With a :class:`~streaming_llm.cache.StreamingCache` it computes
-StreamingLLM attention exactly (window masks, pinned keys placed next to the window); with any
-other cache, or none, it *is* transformers' ``sdpa`` attention, mask included. So a model can be
-switched once (:func:`install`) and used with every kind of cache.
+Registered as ``"streaming_llm"``. With a :class:`~streaming_llm.cache.StreamingCache` it is a thin
+adapter: the cache has already done the step (stored keys in the model's frame, sinks turned, new
+tokens written) and its :class:`~streaming_llm.cache.Plan` says which kernel runs: plain attention
+over the buffer (a steady decode step, or a chunk with no eviction inside), or the banded kernel for
+a chunk that crosses the eviction point. With any other cache, or none, it *is* transformers'
+``sdpa`` attention, mask included, so a model can be switched once (:func:`install`) and used with
+every kind of cache.
 
-This is the one function that sees the model's position ids in every supported transformers
-version, so it finishes what the cache could not do alone: it brings stored keys into the frame of
-those positions (:meth:`StreamingLayer.align`) before attending.
+The cache reaches this function through the mask: a ``StreamingCache`` hands transformers a
+:class:`~streaming_llm.cache.StreamingStep` as its query offset, and the registered mask function
+turns it into a :class:`StreamingMask` that every layer's attention receives.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +24,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .architectures import bind_model
-from .cache import ATTN_IMPLEMENTATION, STEP_ATTR, Step
+from .cache import ATTN_IMPLEMENTATION, StreamingCache, StreamingStep
 
 # Queries per block in the banded path: bounds memory to block x (start + recent + block) scores.
 # Small blocks are fastest on CPUs; on GPUs larger ones mean fewer kernel launches.
 QUERY_BLOCK = {"cpu": 128, "cuda": 1024}
 
-# Position ids are shared by every layer of a forward: parse them once (one host sync per forward).
-_last_positions: tuple[torch.Tensor, int] | None = None
+
+@dataclass(frozen=True)
+class StreamingMask:
+    """The "mask" of a forward on a :class:`StreamingCache`: the cache itself (each layer's plan says
+    what to attend to)."""
+
+    cache: StreamingCache
+    ndim = 4  # so that transformers hands it back unchanged when a caller passes it in again
 
 
 def streaming_attention_forward(
@@ -34,7 +45,7 @@ def streaming_attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | StreamingMask | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
@@ -44,9 +55,8 @@ def streaming_attention_forward(
     Shapes: query ``(batch, heads, q_len, head_dim)``, key/value ``(batch, kv_heads, kv_len, head_dim)``;
     returns ``(batch, q_len, heads, head_dim)``.
     """
-    step: Step | None = getattr(key, STEP_ATTR, None)
     softcap = kwargs.get("softcap")  # Gemma 2's attention-logit soft-capping
-    if step is None:  # any other cache, or none: plain attention with transformers' mask
+    if not isinstance(attention_mask, StreamingMask):  # any other cache, or none: plain attention
         if softcap is None:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -55,43 +65,13 @@ def streaming_attention_forward(
         return _eager(query, key, value, attention_mask, scaling, softcap).transpose(1, 2).contiguous(), None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    layer = step.layer
-    m0 = _first_position(step, kwargs.get("position_ids"))
-    layer.align(step, m0, key)
-    if step.mode == "inplace":  # one rotation for all queries (see Step)
-        layer.rotate_pinned(m0 - layer.window.in_cache_position(step.t0, layer.segment_len))
+    group = attention_mask.cache.layers[module.layer_idx].group
+    plan = group.plan
+    if plan.mode == "banded":
+        out = _banded(query, key, value, group, scaling, softcap)
+    else:  # steady (one query, every key visible) or inplace (bottom-right causal)
         out = _causal(query, key, value, scaling, softcap)
-    else:
-        offsets = layer.window.pin_offsets(step.t0, m0, step.length, layer.segment_len)
-        out = _banded(query, key, value, step, offsets, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _first_position(step: Step, position_ids: torch.Tensor | None) -> int:
-    """Model position of the step's first query, checking the chunk's positions are contiguous."""
-    global _last_positions
-    layer = step.layer
-    if position_ids is None:  # the model derived them from cache.get_seq_length()
-        return layer.window.next_model_position(step.t0, layer.shift, layer.segment_len)
-    if _last_positions is not None and _last_positions[0] is position_ids:
-        return _last_positions[1]
-    rows = position_ids.reshape(-1, position_ids.shape[-1])
-    m0 = int(rows[0, 0])
-    limit = layer.window.position_limit
-    if limit is not None and m0 + step.length > limit:
-        raise ValueError(
-            f"This model's RoPE switches to other frequencies past position {limit}, and this chunk reaches "
-            f"{m0 + step.length}. Feed shorter chunks (the streaming cache keeps its own positions small), and use "
-            "stream_generate rather than generate() for long outputs with this model."
-        )
-    expected = torch.arange(m0, m0 + step.length, device=rows.device)
-    if rows.shape[-1] != step.length or not bool((rows == expected).all()):
-        raise ValueError(
-            "StreamingCache needs contiguous position ids, identical for every row of the batch (no padding). "
-            "Feed one unpadded sequence per cache, or batches of equal-length rows."
-        )
-    _last_positions = (position_ids, m0)
-    return m0
 
 
 def _causal(
@@ -131,24 +111,24 @@ def _eager(
 
 
 def _banded(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: Step, offsets: torch.Tensor, scaling: float,
-    softcap: float | None = None,
-) -> torch.Tensor:  # fmt: skip
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group, scaling: float, softcap: float | None = None,
+) -> torch.Tensor:
     """Each query attends to the pinned keys (turned to sit before its window) and its own window.
 
     ``key``/``value`` are the working set ``[pinned | recent]``; recent key ``r`` has stream index
     ``step.rest_start + r``. Query ``i`` (stream ``t``) sees recent keys in ``[t - recent_size, t]``
     and the sinks ``j <= t``.
     """
-    layer = step.layer
+    step = group.plan
+    offsets = step.offsets
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     n_pin = step.n_pinned
-    n_sinks = n_pin - layer.segment_len
-    window = layer.window.recent_size
+    n_sinks = n_pin - group.segment_len
+    window = group.window.recent_size
     # Pinned logits use the query turned back by its offset: q' . k_pin == q . R(e) k_pin.
-    q_back = layer.rope.rotate(query, -offsets.to(query.device))
+    q_back = group.rope.rotate(query, -offsets.to(query.device))
     # (batch, kv_heads, groups, q_len, dim): grouped-query attention without copying keys.
     q = query.reshape(batch, kv_heads, groups, q_len, dim)
     q_back = q_back.reshape(batch, kv_heads, groups, q_len, dim)
@@ -185,9 +165,24 @@ def _banded(
     return out.view(batch, heads, q_len, dim)
 
 
-def streaming_mask(*args, **kwargs):
-    """Mask function for ``"streaming_llm"``: transformers' sdpa mask (padding, ordinary caches)."""
-    return sdpa_mask(*args, **kwargs)
+def streaming_mask(*args, q_offset=0, attention_mask: torch.Tensor | None = None, q_length: int = 0, **kwargs):
+    """Mask function for ``"streaming_llm"``: a :class:`StreamingMask` for a streaming cache, else
+    transformers' sdpa mask (padding, ordinary caches).
+
+    Raises:
+        ValueError: A padded batch (zeros among the new tokens' attention mask) on a streaming cache,
+            which cannot be served exactly (every row would need its own positions).
+    """
+    if isinstance(q_offset, StreamingStep):
+        if isinstance(attention_mask, StreamingMask):  # prepared earlier (generate() does so)
+            attention_mask = None
+        if attention_mask is not None and not bool(attention_mask[:, -q_length:].all()):
+            raise ValueError(
+                "This batch is padded (the attention mask has zeros), which a StreamingCache cannot serve exactly: "
+                "rows would need their own positions. Feed one unpadded sequence per cache, or rows of equal length."
+            )
+        return StreamingMask(q_offset.cache)
+    return sdpa_mask(*args, q_offset=q_offset, attention_mask=attention_mask, q_length=q_length, **kwargs)
 
 
 def register() -> None:

@@ -48,7 +48,7 @@ class StartRecentKVCache:
     def new_cache(self) -> StreamingCache:
         """An empty cache: pass it as the first ``past_key_values`` to stream the prompt exactly too."""
         self._streamed = True
-        return StreamingCache(self.config, self.start_size, self.recent_size)
+        return StreamingCache(self.config, self.start_size, self.recent_size, positions="compact")
 
     def __call__(self, past_key_values: StreamingCache | DynamicCache | None) -> StreamingCache | None:
         """Return the cache to feed the next step (evicted down to sinks + window).
@@ -71,7 +71,9 @@ class StartRecentKVCache:
                     "kv_cache.reset() to start a new stream on purpose."
                 )
             self._streamed = True
-            return StreamingCache.from_dynamic(self.config, past_key_values, self.start_size, self.recent_size)
+            return StreamingCache.from_dynamic(
+                self.config, past_key_values, self.start_size, self.recent_size, positions="compact"
+            )
         raise TypeError(
             f"kv_cache(...) expects the cache returned by the model (StreamingCache or DynamicCache), got "
             f"{type(past_key_values).__name__}."

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .attention import install
 from .cache import StreamingCache
 from .compat import cache_kwargs
+from .decode import decoder_for
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .sampling import Sampler, SamplingConfig
 
@@ -63,16 +64,22 @@ def prefill(
     logits = None
     with tqdm(total=ids.shape[1], unit="tok", desc="prefill", disable=not progress, leave=False) as bar:
         for chunk in ids.split(chunk_size, dim=1):
-            logits = model(input_ids=chunk, use_cache=True, **cache_kwargs(model, cache), logits_to_keep=1).logits
+            positions = cache.position_ids(chunk.shape[1], chunk.device)
+            logits = model(
+                input_ids=chunk, position_ids=positions, use_cache=True, **cache_kwargs(model, cache), logits_to_keep=1
+            ).logits
             bar.update(chunk.shape[1])
     return logits[0, -1]
 
 
 @torch.no_grad()
-def decode_step(model: PreTrainedModel, cache: StreamingCache, token_id: int) -> torch.Tensor:
-    """Feed one token; return the next-token logits (vocab,)."""
-    ids = torch.tensor([[token_id]], device=model.device)
-    return model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[0, -1]
+def decode_step(model: PreTrainedModel, cache: StreamingCache, token_id: int | torch.Tensor) -> torch.Tensor:
+    """Feed one token; return the next-token logits (vocab,).
+
+    Runs through the cache's :class:`~streaming_llm.decode.Decoder`: on CUDA, steady steps replay a
+    captured CUDA graph (the returned logits are then overwritten by the next step).
+    """
+    return decoder_for(model, cache)(token_id)
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

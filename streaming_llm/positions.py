@@ -23,14 +23,12 @@ its life and no error accumulates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 # A model position above this multiple of the cache capacity triggers a rebase (see module doc).
 REBASE_FACTOR = 2
-# Largest integer delta served from a precomputed cos/sin table.
-TABLE_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -46,9 +44,6 @@ class Rope:
 
     inv_freq: torch.Tensor
     rotary_dim: int
-    # Per (device, dtype): cos/sin of small non-negative integer deltas, so the per-step rotation of
-    # the pinned keys costs no trigonometry (grown on demand, never past TABLE_LIMIT rows).
-    _tables: dict = field(default_factory=dict, compare=False, repr=False)
 
     def rotate(self, x: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` by ``delta`` positions, the way the model's RoPE would have.
@@ -63,11 +58,13 @@ class Rope:
         if isinstance(delta, int) and delta == 0:
             return x
         work = torch.promote_types(x.dtype, torch.float32)
-        if isinstance(delta, int) and 0 < delta < TABLE_LIMIT:
-            cos, sin = self._table(delta, x.device, work)
-        else:
-            cos, sin = self._cos_sin(delta, x.device)  # (seq or 1, rotary_dim // 2), float64
-            cos, sin = cos.to(work), sin.to(work)
+        cos, sin = self.cos_sin(delta, x.device)  # (seq or 1, rotary_dim // 2), float64
+        return self.apply(x, cos.to(work), sin.to(work))
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (``(..., seq, head_dim)``) by precomputed ``cos``/``sin`` (``(seq or 1, rotary_dim // 2)``,
+        in the working dtype); returns a new tensor in ``x``'s dtype."""
+        work = cos.dtype
         half = self.rotary_dim // 2
         x1 = x[..., :half].to(work)
         x2 = x[..., half : self.rotary_dim].to(work)
@@ -76,16 +73,7 @@ class Rope:
             return rotated
         return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
 
-    def _table(self, delta: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (device, dtype)
-        table = self._tables.get(key)
-        if table is None or table[0].shape[0] <= delta:
-            rows = min(TABLE_LIMIT, max(4096, 2 * delta))
-            cos, sin = self._cos_sin(torch.arange(rows), device)
-            table = self._tables[key] = (cos.to(dtype), sin.to(dtype))
-        return table[0][delta : delta + 1], table[1][delta : delta + 1]
-
-    def _cos_sin(self, delta: int | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, delta: int | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq.to(device=device, dtype=torch.float64)
         if isinstance(delta, int):
             angles = (float(delta) * inv_freq)[None, :]
