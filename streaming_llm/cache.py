@@ -433,7 +433,8 @@ class StreamingCache(Cache):
         start_size: Number of first tokens kept forever (attention sinks). Default 4.
         recent_size: Number of most recent tokens kept. Default 2000.
         segment_capacity: Slots for an injected pinned segment after the sinks (memory features).
-        positions: ``"absolute"`` (default) or ``"compact"``, see above.
+        positions: ``"absolute"`` or ``"compact"``, see above. Default ``"absolute"``, except for
+            models whose RoPE changes past a position (Phi-3 longrope), which need ``"compact"``.
 
     Raises:
         NotImplementedError: Unsupported architecture (the message lists the supported ones).
@@ -446,16 +447,18 @@ class StreamingCache(Cache):
 
     def __init__(
         self, config: PretrainedConfig, start_size: int = 4, recent_size: int = 2000, segment_capacity: int = 0,
-        positions: PositionMode = "absolute",
+        positions: PositionMode | None = None,
     ):  # fmt: skip
         check_sizes(start_size, recent_size)
         if not isinstance(segment_capacity, int) or segment_capacity < 0:
             raise ValueError(f"segment_capacity must be an int >= 0, got {segment_capacity!r}")
-        if positions not in ("absolute", "compact"):
+        if positions not in (None, "absolute", "compact"):
             raise ValueError(f"positions must be 'absolute' or 'compact', got {positions!r}")
         self.config = getattr(config, "config", config)
         self.spec: ModelSpec = describe(self.config)
         limit = self.spec.position_limit
+        if positions is None:  # a RoPE that changes past a position cannot run at absolute positions
+            positions = "absolute" if limit is None else "compact"
         self.window = Window(start_size, recent_size, limit)
         if limit is not None and self.window.capacity + segment_capacity >= limit:
             raise ValueError(
@@ -708,7 +711,7 @@ class StreamingCache(Cache):
         """
         cache = cls(
             config, counters["start_size"], counters["recent_size"], counters["segment_capacity"],
-            positions=counters.get("positions", "absolute"),
+            positions=counters.get("positions"),
         )  # fmt: skip
         if len(counters["groups"]) != len(cache.groups):
             raise ValueError(f"{len(counters['groups'])} layer groups saved, but this model has {len(cache.groups)}.")
@@ -732,7 +735,7 @@ class StreamingCache(Cache):
     @classmethod
     def from_dynamic(
         cls, config: PretrainedConfig, cache: DynamicCache, start_size: int = 4, recent_size: int = 2000,
-        positions: PositionMode = "absolute",
+        positions: PositionMode | None = None,
     ) -> StreamingCache:  # fmt: skip
         """Take over a ``DynamicCache`` filled by a plain forward at positions ``0..T-1``, keeping
         its first ``start_size`` and last ``recent_size`` tokens.
