@@ -1,12 +1,22 @@
-"""GPU decode latency and memory vs context: StreamingCache vs transformers' DynamicCache.
+"""GPU decode benchmark: the streaming cache (eager and CUDA-graph captured) against the strongest baselines.
 
-A Llama-3-8B-shaped model with random bf16 weights (speed does not depend on the weights) streams
-random tokens up to each context length (prefill in chunks), then decodes greedily; decode steps
-are timed with CUDA synchronisation. Both caches run in the same process, side by side, at every
-context, so the ratios are measured under the same conditions.
+One process, one model (Llama-3-8B-shaped, random bf16 weights: speed does not depend on the
+weights), side by side:
 
-    python benchmarks/gpu_decode.py --out benchmarks/results/gpu_decode      # on a CUDA machine
-    python benchmarks/gpu_decode.py --tiny --device cpu --contexts 256 512   # a smoke test anywhere
+* the weight-read floor: weight bytes / measured device copy bandwidth;
+* transformers ``StaticCache`` + ``torch.compile(mode="reduce-overhead", fullgraph=True)``;
+* transformers ``DynamicCache``, eager;
+* ours, eager and captured, after 4k / 32k / 256k / 1M streamed tokens;
+* sliding-window recomputation at cache 4096 (one forward over 4096 tokens per token).
+
+Every step is timed on its own (synchronised, the token read back as a text stream does), so p50 and
+p99 include frame-rebase steps. Past ``--stream-limit`` tokens the streaming cache is fast-forwarded
+(``streaming_llm.benchmark.fast_forward``: same kept tokens, same slots, same positions as a real
+stream), which is stated in the output. A correctness check runs first: captured and eager decode
+give identical greedy tokens over 512 steps across frame rebases.
+
+    python benchmarks/gpu_decode.py --out benchmarks/results/gpu_decode   # on a CUDA machine
+    python benchmarks/gpu_decode.py --tiny --device cpu --contexts 256 --no-static --out /tmp/x  # smoke test
 """
 
 from __future__ import annotations
@@ -15,14 +25,17 @@ import argparse
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm import StreamingCache, install  # noqa: E402
-from streaming_llm.benchmark import measure_decode  # noqa: E402
+from streaming_llm.benchmark import measure_decode, percentile, sync  # noqa: E402
+from streaming_llm.decode import Decoder  # noqa: E402
+from streaming_llm.generation import prefill  # noqa: E402
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -34,18 +47,110 @@ TINY = dict(
 )  # fmt: skip
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus written (median of 10)."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(13):
+        sync(device)
+        began = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - began)
+    del x, y
+    return 2 * (nbytes // 2) * 2 / percentile(times[3:], 0.5)
+
+
+@torch.no_grad()
+def static_compiled(model, context: int, decode: int, chunk: int) -> dict:
+    """transformers' StaticCache + torch.compile(reduce-overhead): prefill eagerly, then time compiled steps."""
+    device = model.device
+    model.set_attn_implementation("sdpa")
+    cache = StaticCache(config=model.config, max_cache_len=context + decode + 16)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    for i in range(0, context, chunk):
+        out = model(input_ids=ids[:, i : i + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+    forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    token = out.logits[:, -1:].argmax(-1)
+    began = time.perf_counter()
+    for _ in range(3):  # compile + warm-up (not timed)
+        token = forward(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1).clone()
+    sync(device)
+    compile_s = time.perf_counter() - began
+    times = []
+    for _ in range(decode):
+        sync(device)
+        began = time.perf_counter()
+        token = forward(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1).clone()
+        int(token)
+        times.append(time.perf_counter() - began)
+    model.set_attn_implementation("streaming_llm")
+    return {"method": "static+compile", "context": context, "compile_s": compile_s, **summary(times)}
+
+
+def summary(times: list[float]) -> dict:
+    mean = sum(times) / len(times)
+    return {
+        "ms_per_token": 1000 * mean,
+        "p50_ms": 1000 * percentile(times, 0.5),
+        "p99_ms": 1000 * percentile(times, 0.99),
+    }
+
+
+@torch.no_grad()
+def recompute_cost(model, window: int, repeats: int = 5) -> dict:
+    """Sliding-window recomputation: each token re-encodes the last ``window`` tokens (one dense forward)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, window), device=model.device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(model.device)
+        began = time.perf_counter()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        sync(model.device)
+        times.append(time.perf_counter() - began)
+    return {"method": "recompute", "context": window, **summary(times[1:])}
+
+
+@torch.no_grad()
+def captured_equals_eager(model, steps: int, start: int, recent: int) -> dict:
+    """Greedy tokens and logits of captured vs eager decode over ``steps`` steps from the same state."""
+    ids = torch.randint(0, model.config.vocab_size, (1, start + recent + 64), device=model.device)
+    runs = []
+    for graphs in (False, True):
+        cache = StreamingCache(model.config, start, recent)
+        logits = prefill(model, cache, ids, 256)
+        decoder = Decoder(model, cache, cuda_graphs=graphs)
+        token, tokens, all_logits, shifts = logits.argmax(-1), [], [], set()
+        for _ in range(steps):
+            out = decoder(token)
+            all_logits.append(out.float().clone())
+            token = out.argmax(-1)
+            tokens.append(int(token))
+            shifts.add(cache.main.shift)
+        runs.append((tokens, torch.stack(all_logits), len(shifts) - 1, decoder.replays))
+    (eager_tokens, eager_logits, rebases, _), (graph_tokens, graph_logits, _, replays) = runs
+    scale = eager_logits.abs().max().item()
+    return {
+        "steps": steps, "cache": f"{start}+{recent}", "rebases": rebases, "graph_replays": replays,
+        "tokens_identical": eager_tokens == graph_tokens,
+        "max_abs_logit_diff": (eager_logits - graph_logits).abs().max().item(), "logit_scale": scale,
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
-    parser.add_argument("--decode", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 262144, 1048576])
+    parser.add_argument("--hf-contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--start-size", type=int, default=4)
     parser.add_argument("--recent-size", type=int, default=4092)
+    parser.add_argument("--stream-limit", type=int, default=32768, help="stream for real at most this many tokens")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds per context, order rotated; medians kept")
-    parser.add_argument("--stock", action="store_true", help="also time DynamicCache with transformers' own sdpa")
+    parser.add_argument("--no-static", action="store_true", help="skip StaticCache + torch.compile")
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -54,61 +159,97 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
-    install(model)  # streaming attention: identical to sdpa with the DynamicCache
-    methods = {
-        "dynamic": lambda: DynamicCache(config=model.config),
-        "streaming": lambda: StreamingCache(model.config, args.start_size, args.recent_size),
-    }
-    if args.stock:  # transformers' own sdpa attention, to check the switched model costs nothing extra
-        methods = {"dynamic-stock": methods["dynamic"], **methods}
-    rows, runs = [], []
-    for context in args.contexts:
-        names = list(methods)
-        for repeat in range(args.repeats):  # rotate the order: the first run after a change is slow
-            order = names[repeat % len(names) :] + names[: repeat % len(names)]
-            for method in order:
-                model.set_attn_implementation("sdpa" if method == "dynamic-stock" else "streaming_llm")
-                run = {
-                    "method": method,
-                    "repeat": repeat,
-                    **measure_decode(model, methods[method], context, args.decode, args.chunk),
-                }  # noqa: E501
-                run.pop("tokens")
-                runs.append(run)
-                print(json.dumps(run), flush=True)
-        for method in names:  # the median over repeats
-            mine = sorted(
-                (r for r in runs if r["method"] == method and r["context"] == context), key=lambda r: r["ms_per_token"]
-            )  # noqa: E501
-            rows.append(
-                {**mine[len(mine) // 2], "repeats": len(mine), "all_ms_per_token": [r["ms_per_token"] for r in mine]}
-            )  # noqa: E501
-    header = ("context", "HF ms/tok", "ours ms/tok", "HF/ours", "HF cache", "ours cache")
-    print("\n" + " | ".join(f"{h:>11}" for h in header))
-    ratios = []
-    for context in args.contexts:
-        hf, ours = (
-            next(r for r in rows if r["method"] == m and r["context"] == context) for m in ("dynamic", "streaming")
-        )
-        ratio = hf["ms_per_token"] / ours["ms_per_token"]
-        ratios.append({"context": context, "speedup": ratio, "cache_ratio": hf["cache_mib"] / ours["cache_mib"]})
-        cells = (context, f"{hf['ms_per_token']:.2f}", f"{ours['ms_per_token']:.2f}", f"{ratio:.2f}x",
-                 f"{hf['cache_mib']:.0f}M", f"{ours['cache_mib']:.0f}M")  # fmt: skip
-        print(" | ".join(f"{c:>11}" for c in cells))
-    if args.out:
-        import transformers
+    install(model)
+    rows = []
 
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        meta = {
-            "command": "python " + " ".join(sys.argv), "device": name, "torch": torch.__version__,
-            "transformers": transformers.__version__, "dtype": str(dtype),
-            "model": "tiny" if args.tiny else "Llama-3-8B-shaped, random weights",
-            "cache": f"StreamingCache {args.start_size}+{args.recent_size} vs DynamicCache",
-        }  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(
-            json.dumps({"meta": meta, "rows": rows, "ratios": ratios, "runs": runs}, indent=2)
+    def emit(row: dict) -> None:
+        row.pop("tokens", None)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = {"method": "floor", "weights_gb": weights / 1e9}
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth(device)
+        floor.update(bandwidth_tb_s=bandwidth / 1e12, ms_per_token=1000 * weights / bandwidth)
+    emit(floor)
+    if device.type == "cuda":
+        emit({"method": "check", **captured_equals_eager(model, 512, args.start_size, 508)})
+    streaming = lambda: StreamingCache(model.config, args.start_size, args.recent_size)  # noqa: E731
+    for context in args.contexts:
+        for graphs in (False, True):
+            name = "ours-captured" if graphs else "ours-eager"
+            run = measure_decode(
+                model, streaming, context, args.decode, args.chunk, cuda_graphs=graphs, stream_for_real=args.stream_limit
+            )  # fmt: skip
+            emit({"method": name, **run})
+    for context in args.hf_contexts:
+        emit({"method": "dynamic-eager", **measure_decode(model, lambda: DynamicCache(config=model.config), context,
+                                                          args.decode, args.chunk)})  # fmt: skip
+        if not args.no_static:
+            emit(static_compiled(model, context, args.decode, args.chunk))
+    emit(recompute_cost(model, args.start_size + args.recent_size))
+
+    by = {(r["method"], r.get("context")): r for r in rows}
+    print(f"\n{'method':>16} | {'context':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'cache MiB':>9}")
+    for r in rows:
+        if "p50_ms" in r:
+            print(f"{r['method']:>16} | {r['context']:>8} | {r['p50_ms']:7.2f} | {r['p99_ms']:7.2f} | "
+                  f"{r.get('cache_mib') or 0:9.0f}")  # fmt: skip
+    ratios = {}
+    ours4k = by.get(("ours-captured", 4096))
+    if ours4k:
+        for (method, context), r in by.items():
+            if method in ("static+compile", "dynamic-eager", "recompute") and "p50_ms" in r:
+                ratios[f"{method}@{context} / ours-captured@4096"] = r["p50_ms"] / ours4k["p50_ms"]
+        if "ms_per_token" in floor:
+            ratios["ours-captured@4096 / floor"] = ours4k["p50_ms"] / floor["ms_per_token"]
+        longest = max(c for m, c in by if m == "ours-captured")
+        ratios[f"ours-captured@{longest} / ours-captured@4096"] = (
+            by[("ours-captured", longest)]["p50_ms"] / ours4k["p50_ms"]
         )
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    import transformers
+
+    meta = {
+        "command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else platform.processor(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "dtype": str(dtype),
+        "model": "tiny" if args.tiny else "Llama-3-8B-shaped, random weights",
+        "note": f"streaming contexts past {args.stream_limit} tokens are fast-forwarded (see fast_forward)",
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
+    plot(rows, args.out.with_suffix(".png"), meta)
+
+
+def plot(rows: list[dict], path: Path, meta: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in ("ours-captured", "ours-eager", "dynamic-eager", "static+compile"):
+        pts = sorted((r["context"], r["p50_ms"]) for r in rows if r["method"] == method)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
+    for r in rows:
+        if r["method"] == "floor" and "ms_per_token" in r:
+            ax.axhline(r["ms_per_token"], color="gray", ls="--", label="weight-read floor")
+        if r["method"] == "recompute":
+            ax.axhline(r["p50_ms"], color="red", ls=":", label=f"recompute @{r['context']}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens streamed before decoding")
+    ax.set_ylabel("ms per token (p50)")
+    ax.set_title(f"Decode, batch 1: {meta['model']} on {meta['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

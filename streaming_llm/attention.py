@@ -111,7 +111,12 @@ def _eager(
 
 
 def _banded(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group, scaling: float, softcap: float | None = None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group,
+    scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Each query attends to the pinned keys (turned to sit before its window) and its own window.
 

@@ -391,13 +391,17 @@ class StreamingLayer(CacheLayerMixin):
         )
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("Selecting batch rows of a StreamingCache is not supported; use one cache per stream.")
+        raise NotImplementedError(
+            "Selecting batch rows of a StreamingCache is not supported; use one cache per stream."
+        )
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("Beam search / num_return_sequences > 1 need one StreamingCache per sequence.")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("Beam search is not supported with a StreamingCache.")
+        raise NotImplementedError(
+            "Beam search is not supported with a StreamingCache: it needs one StreamingCache per sequence."
+        )
 
     @property
     def nbytes(self) -> int:
@@ -511,7 +515,9 @@ class StreamingCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes held by all cache tensors (constant once allocated)."""
-        return sum(t.numel() * t.element_size() for g in self.groups if g.initialized for t in (g.keys, g.values, g.pinned))
+        return sum(
+            t.numel() * t.element_size() for g in self.groups if g.initialized for t in (g.keys, g.values, g.pinned)
+        )
 
     @property
     def segment_len(self) -> int:
@@ -628,6 +634,20 @@ class StreamingCache(Cache):
         return StreamingStep(self)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """``(query_length, tokens seen)``: the new keys, at their stream indices (the streaming mask
+        function reads padding from those columns of a 2D attention mask).
+
+        Raises:
+            ValueError: Nothing to process, as when ``generate()`` is given fewer tokens than the cache has
+                seen (it must get the whole conversation, history plus new tokens).
+        """
+        if query_length == 0:
+            raise ValueError(
+                f"This call gives the model no new token: the cache has already seen {self.seen_tokens} tokens and "
+                "the input is not longer than that. With generate(), pass the whole conversation so far (the history "
+                "the cache saw, then the new tokens), as with any transformers cache; only the new tokens are fed. "
+                "To run a forward on new tokens alone, call the model directly."
+            )
         return query_length, self.seen_tokens
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
@@ -675,6 +695,28 @@ class StreamingCache(Cache):
                 group.values[j][:, :, first : group.sink_base] = values[i]
             group.segment_len = n
             group.pinned_rotation = None
+
+    def fork_sinks(self, recent_size: int) -> StreamingCache:
+        """A new cache holding a copy of this cache's sinks (at their canonical positions), ``recent_size``
+        window, nothing else: feed tokens to it to encode them right after the sinks (memory segments).
+
+        Raises:
+            ValueError: The sinks are not all in this cache yet.
+        """
+        if self.seen_tokens < self.start_size or not self.main.initialized:
+            raise ValueError("The sinks are not all in the cache yet.")
+        fork = StreamingCache(self.config, self.start_size, recent_size, positions="absolute")
+        s = self.start_size
+        for mine, theirs in zip(self.groups, fork.groups, strict=True):
+            if not mine.segment_capacity and mine is not self.main:
+                continue  # sliding layers: nothing pinned
+            theirs.allocate(mine.keys[0], mine.values[0])
+            sinks = slice(mine.sink_base, mine.sink_base + s)
+            theirs.pinned[..., theirs.sink_base : theirs.sink_base + s, :] = mine.pinned[..., sinks, :]
+            theirs.keys[..., theirs.sink_base : theirs.sink_base + s, :] = mine.pinned[..., sinks, :]
+            theirs.values[..., theirs.sink_base : theirs.sink_base + s, :] = mine.values[..., sinks, :]
+            theirs.seen, theirs.shift, theirs.pinned_rotation = s, 0, 0
+        return fork
 
     # -- state, for saving and restoring sessions ------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -120,9 +120,11 @@ class Decoder:
 def decoder_for(model: PreTrainedModel, cache: StreamingCache, cuda_graphs: bool | None = None) -> Decoder:
     """The :class:`Decoder` kept with ``cache`` for ``model`` (created on first use)."""
     decoder = getattr(cache, "_decoder", None)
-    if decoder is None or decoder.model is not model or (cuda_graphs is not None and decoder.cuda_graphs != (
-        cuda_graphs and model.device.type == "cuda"
-    )):
+    if (
+        decoder is None
+        or decoder.model is not model
+        or (cuda_graphs is not None and decoder.cuda_graphs != (cuda_graphs and model.device.type == "cuda"))
+    ):
         decoder = Decoder(model, cache, cuda_graphs)
         cache._decoder = decoder
     return decoder

@@ -72,19 +72,10 @@ def encode_segment(
     model: PreTrainedModel, cache: StreamingCache, ids: list[int]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keys/values of ``ids`` placed right after ``cache``'s sinks, attending to the sinks and themselves."""
-    start = cache.start_size
-    scratch = StreamingCache(cache.config, start, max(len(ids), 256))
-    for main, layer in zip(cache.layers, scratch.layers, strict=True):
-        layer.lazy_initialization(main.keys, main.values)
-        layer.keys[:, :, layer.sink_base : layer.sink_base + start] = main.pinned_keys[:, :, :start]
-        layer.values[:, :, layer.sink_base : layer.sink_base + start] = main.values[
-            :, :, main.sink_base : main.sink_base + start
-        ]
-        layer.pinned_keys[:, :, :start] = main.pinned_keys[:, :, :start]
-        layer.seen, layer.shift, layer.pinned_rotation = start, 0, 0
+    scratch = cache.fork_sinks(max(len(ids), 256))
     input_ids = torch.tensor([ids], device=model.device)
     model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, scratch))
-    slots = slice(scratch.layers[0].ring_base, scratch.layers[0].ring_base + len(ids))
+    slots = slice(scratch.main.ring_base, scratch.main.ring_base + len(ids))
     return [layer.keys[:, :, slots] for layer in scratch.layers], [
         layer.values[:, :, slots] for layer in scratch.layers
     ]

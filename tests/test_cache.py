@@ -1,14 +1,14 @@
-"""Model-free tests of the ring buffer (cache.py): slots, sinks, what each query sees, memory."""
+"""Model-free tests of the ring buffer (cache.py's StreamGroup): slots, sinks, what each query sees, memory."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from streaming_llm.cache import STEP_ATTR, StreamingLayer, check_sizes
+from streaming_llm.cache import StreamGroup, check_sizes
 from streaming_llm.positions import Rope, Window
 
-ROPE = Rope(inv_freq=torch.ones(2, dtype=torch.float64), rotary_dim=4)
+ROPE = Rope(inv_freq=torch.ones(0, dtype=torch.float64), rotary_dim=0)  # no rotation: keys keep their ids
 
 
 def tokens(first: int, count: int) -> torch.Tensor:
@@ -16,10 +16,20 @@ def tokens(first: int, count: int) -> torch.Tensor:
     return torch.arange(first, first + count, dtype=torch.float32)[None, None, :, None].expand(1, 1, count, 4)
 
 
-def feed(layer: StreamingLayer, t0: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """update() then align(), as the streaming attention does (frame: model position == stream index)."""
-    keys, values = layer.update(tokens(t0, count), tokens(t0, count))
-    layer.align(getattr(keys, STEP_ATTR), t0, keys)
+def group_of(start: int, recent: int) -> StreamGroup:
+    return StreamGroup(Window(start, recent), ROPE, [0], 0)
+
+
+def feed(group: StreamGroup, t0: int, count: int, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of one layer, as StreamingCache.update drives it (frame: model position == stream index)."""
+    k = tokens(t0, count) if k is None else k
+    if not group.initialized:
+        group.allocate(k, k)
+    plan = group.plan_step(count, t0)
+    if plan.mode == "steady":
+        group.turn_steady()
+    keys, values = group.write(0, k, k)
+    group.finish()
     return keys, values
 
 
@@ -34,23 +44,23 @@ def expected_visible(t: int, start: int, recent: int) -> list[int]:
 
 @pytest.mark.parametrize(("start", "recent"), [(4, 6), (0, 5), (1, 1), (3, 12)])
 def test_token_by_token_each_query_sees_sinks_and_window(start, recent):
-    layer = StreamingLayer(Window(start, recent), ROPE)
+    group = group_of(start, recent)
     for t in range(5 * (start + recent) + 3):
-        keys, values = feed(layer, t, 1)
-        assert getattr(keys, STEP_ATTR).mode == "inplace"
+        keys, values = feed(group, t, 1)
+        assert group.plan.mode == ("steady" if t >= start + recent else "inplace")
         assert sorted(ids(keys)) == expected_visible(t, start, recent)
         assert sorted(ids(values)) == expected_visible(t, start, recent)
-    assert layer.seen == 5 * (start + recent) + 3
+    assert group.seen == 5 * (start + recent) + 3
 
 
 @pytest.mark.parametrize("chunk", [2, 5, 9, 23])
 def test_chunks_return_a_working_set_covering_every_query(chunk):
     start, recent = 3, 8
-    layer = StreamingLayer(Window(start, recent), ROPE)
+    group = group_of(start, recent)
     t0 = 0
     while t0 < 60:
-        keys, _ = feed(layer, t0, chunk)
-        step = getattr(keys, STEP_ATTR)
+        keys, _ = feed(group, t0, chunk)
+        step = group.plan
         got = ids(keys)
         for t in range(t0, t0 + chunk):  # every query finds all it needs in what was returned
             assert set(expected_visible(t, start, recent)) <= set(got)
@@ -62,45 +72,35 @@ def test_chunks_return_a_working_set_covering_every_query(chunk):
 
 def test_after_any_chunking_the_buffer_holds_sinks_and_latest_tokens():
     start, recent = 2, 7
-    layer = StreamingLayer(Window(start, recent), ROPE)
+    group = group_of(start, recent)
     t0 = 0
     for chunk in [1, 3, 20, 1, 1, 8, 9, 2, 30, 1]:
-        feed(layer, t0, chunk)
+        feed(group, t0, chunk)
         t0 += chunk
-        kept = ids(layer.keys)
+        kept = ids(group.keys[0])
         assert kept[: min(start, t0)] == [0, 1][:t0]
         latest = list(range(max(start, t0 - recent), t0))
         assert set(latest) <= set(kept[start:])  # the latest `recent` tokens are all there
 
 
 def test_no_per_token_copy_and_static_shapes_once_full():
-    layer = StreamingLayer(Window(4, 16), ROPE)
-    layer.update(tokens(0, 1), tokens(0, 1))
-    pointers = (layer.keys.data_ptr(), layer.values.data_ptr())
-    nbytes = layer.nbytes
+    group = group_of(4, 16)
+    feed(group, 0, 1)
+    pointers = (group.keys.data_ptr(), group.values.data_ptr())
     shapes = set()
     for t in range(1, 200):
-        keys, values = layer.update(tokens(t, 1), tokens(t, 1))
-        assert keys.data_ptr() == layer.keys.data_ptr()  # a view of the ring, not a copy
+        keys, values = feed(group, t, 1)
+        assert keys.data_ptr() == group.keys.data_ptr()  # a view of the ring, not a copy
         if t > 20:
             shapes.add(tuple(keys.shape))
-    assert (layer.keys.data_ptr(), layer.values.data_ptr()) == pointers
-    assert layer.nbytes == nbytes
+    assert (group.keys.data_ptr(), group.values.data_ptr()) == pointers
     assert shapes == {(1, 1, 4 + 16 + 1, 4)}
 
 
 def test_buffer_has_exactly_start_plus_recent_plus_one_slots():
-    layer = StreamingLayer(Window(4, 2000), ROPE)
-    layer.update(torch.zeros(2, 3, 1, 64), torch.zeros(2, 3, 1, 64))
-    assert layer.keys.shape == (2, 3, 2005, 64)
-
-
-def test_shape_mismatch_is_a_clear_error():
-    layer = StreamingLayer(Window(4, 16), ROPE)
-    layer.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
-    with pytest.raises(ValueError, match="belongs to one model and one batch"):
-        layer.update(torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, 4))
-    assert layer.seen == 1
+    group = group_of(4, 2000)
+    feed(group, 0, 1, torch.zeros(2, 3, 1, 64))
+    assert group.keys.shape == (1, 2, 3, 2005, 64)
 
 
 @pytest.mark.parametrize(
