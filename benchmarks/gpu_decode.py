@@ -180,7 +180,8 @@ def main() -> None:
         for graphs in (False, True):
             name = "ours-captured" if graphs else "ours-eager"
             run = measure_decode(
-                model, streaming, context, args.decode, args.chunk, cuda_graphs=graphs, stream_for_real=args.stream_limit
+                model, streaming, context, args.decode, args.chunk, cuda_graphs=graphs,
+                stream_for_real=args.stream_limit,
             )  # fmt: skip
             emit({"method": name, **run})
     for context in args.hf_contexts:
@@ -236,7 +237,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     for method in ("ours-captured", "ours-eager", "dynamic-eager", "static+compile"):
         pts = sorted((r["context"], r["p50_ms"]) for r in rows if r["method"] == method)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
     for r in rows:
         if r["method"] == "floor" and "ms_per_token" in r:
             ax.axhline(r["ms_per_token"], color="gray", ls="--", label="weight-read floor")

@@ -231,7 +231,7 @@ class StreamGroup:
     # -- one layer's part of the step ----------------------------------------------------------------
     def write(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer ``i``'s new keys/values for the current plan; return what attention reads."""
-        plan, w = self.plan, self.window
+        plan = self.plan
         keys, values, pinned = self.keys[i], self.values[i], self.pinned[i]
         if plan.mode == "steady":
             keys.index_copy_(2, self.slot_index, k)
@@ -762,7 +762,7 @@ class StreamingCache(Cache):
             first = saved["first"]
             if keys.dim() != 5 or keys.shape[0] != len(g.layer_ids) or first != g.sink_base - saved["segment_len"]:
                 raise ValueError(f"Layer group {gi} tensors do not fit this model and these sizes.")
-            g.allocate(keys[:, :, :, :1], values[:, :, :, :1])
+            g.allocate(keys[0], values[0])
             filled = first + keys.shape[-2]
             if filled > g.slots or pinned.shape[-2] != g.ring_base - first or keys.shape[1:3] != g.keys.shape[1:3]:
                 raise ValueError(f"Layer group {gi} tensors do not have the shapes these sizes need.")
