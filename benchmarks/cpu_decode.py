@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("STREAMING_LLM_DATA", HERE.parents[1] / "shared" / "data")) / "shakespeare.txt"
-METHODS = ("streaming", "dynamic")
+METHODS = ("streaming", "streaming-compiled", "dynamic")
 
 
 def peak_rss_mib() -> float:
@@ -37,32 +37,47 @@ def worker(method: str, checkpoints: list[int], decode: int, threads: int) -> li
     from streaming_llm import StreamingCache, install
     from streaming_llm.benchmark import cache_bytes, rss_mib
     from streaming_llm.compat import cache_kwargs
+    from streaming_llm.decode import Decoder
+    from streaming_llm.generation import prefill
     from streaming_llm.loading import load_model
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model(device="cpu", dtype="float32")
     text = DATA.read_text(encoding="utf-8")[:400_000]
     ids = torch.tensor(tokenizer(text)["input_ids"][: max(checkpoints) + 1])
-    if method == "streaming":
+    streaming = method.startswith("streaming")
+    if streaming:
         install(model)
         cache = StreamingCache(model.config, start_size=4, recent_size=2000)
+        decoder = Decoder(model, cache, compile=method == "streaming-compiled")
     else:
         cache = DynamicCache(config=model.config)
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        if streaming:
+            return decoder(token).argmax(-1)
+        out = model(input_ids=token.reshape(1, 1), use_cache=True, **cache_kwargs(model, cache))
+        return out.logits[0, -1].argmax(-1)
+
     base_rss = rss_mib()
     rows, fed = [], 0
     with torch.no_grad():
         for checkpoint in checkpoints:
             while fed < checkpoint:  # stream the text up to the checkpoint
                 chunk = ids[fed : min(checkpoint, fed + 512)][None]
-                model(input_ids=chunk, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+                if streaming:
+                    prefill(model, cache, chunk, 512)
+                else:
+                    model(input_ids=chunk, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
                 fed += chunk.shape[1]
-            token = ids[fed : fed + 1][None]
+            token = ids[fed]
+            for _ in range(2):  # warm-up (compiles the steady step once for "streaming-compiled")
+                token = step(token)
             start = time.perf_counter()
             for _ in range(decode):
-                out = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache))
-                token = out.logits[:, -1:].argmax(-1)
+                token = step(token)
             elapsed = time.perf_counter() - start
-            fed += decode
+            fed += decode + 2
             rows.append({
                 "method": method, "tokens_streamed": checkpoint, "ms_per_token": 1000 * elapsed / decode,
                 "tokens_per_s": decode / elapsed, "rss_mib": rss_mib(), "rss_above_model_mib": rss_mib() - base_rss,
@@ -108,9 +123,11 @@ def write(rows: list[dict], args: argparse.Namespace, seconds: float) -> None:
     for n in args.checkpoints:
         ours, hf = by[("streaming", n)], by[("dynamic", n)]
         speedup = hf["ms_per_token"] / ours["ms_per_token"]
-        ratios.append(
-            {"tokens_streamed": n, "speedup": speedup, "rss_ratio": hf["peak_rss_mib"] / ours["peak_rss_mib"]}
-        )
+        compiled = by[("streaming-compiled", n)]
+        ratios.append({
+            "tokens_streamed": n, "speedup": speedup, "speedup_compiled": hf["ms_per_token"] / compiled["ms_per_token"],
+            "rss_ratio": hf["peak_rss_mib"] / ours["peak_rss_mib"],
+        })  # fmt: skip
         print(f"{n:>8} | {ours['ms_per_token']:>11.1f} | {hf['ms_per_token']:>9.1f} | {speedup:>6.2f}x | "
               f"{ours['peak_rss_mib']:>7.0f}M | {hf['peak_rss_mib']:>6.0f}M")  # fmt: skip
     meta = {
@@ -130,7 +147,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, label in (("streaming", "StreamingCache 4+2000"), ("dynamic", "DynamicCache (full)")):
+    for method, label in (
+        ("streaming", "StreamingCache 4+2000"), ("streaming-compiled", "StreamingCache, compiled step"),
+        ("dynamic", "DynamicCache (full)"),
+    ):  # fmt: skip
         mine = [r for r in rows if r["method"] == method]
         xs = [r["tokens_streamed"] for r in mine]
         speed.plot(xs, [r["ms_per_token"] for r in mine], marker="o", label=label)

@@ -7,7 +7,9 @@ a CUDA graph and replayed, as gpt-fast does, so a token costs one graph launch i
 hundreds of kernel launches from Python. Steps that are not steady (the first ``start + recent``
 tokens) run eagerly; a frame rebase runs its one eager re-rotation and then replays.
 
-Switch: ``cuda_graphs=False`` (or ``STREAMING_LLM_CUDA_GRAPHS=0``) runs every step eagerly.
+Switch: ``cuda_graphs=False`` (or ``STREAMING_LLM_CUDA_GRAPHS=0``) runs every step eagerly. On the CPU,
+``compile=True`` runs steady steps through ``torch.compile`` (one graph, never recompiled; see
+``tests/test_decode.py``); it pays only on long generations (compiling takes tens of seconds).
 """
 
 from __future__ import annotations
@@ -39,15 +41,19 @@ class Decoder:
         model: A model switched to the streaming attention.
         cache: The cache this decoder steps (graphs hold views of its buffers).
         cuda_graphs: Capture steady steps (default: on CUDA, unless ``STREAMING_LLM_CUDA_GRAPHS=0``).
+        compile: Run steady steps that are not captured through ``torch.compile`` (CPU).
 
     Attributes:
         replays: Steps served by a graph replay.
         eager_steps: Steps run eagerly.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: StreamingCache, cuda_graphs: bool | None = None):
+    def __init__(
+        self, model: PreTrainedModel, cache: StreamingCache, cuda_graphs: bool | None = None, compile: bool = False
+    ):
         self.model, self.cache = model, cache
         self.cuda_graphs = graphs_enabled(model, cuda_graphs)
+        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False) if compile else None
         self.replays = self.eager_steps = 0
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
@@ -71,6 +77,8 @@ class Decoder:
         self._positions.fill_(m)
         if not (self.cuda_graphs and steady):
             self.eager_steps += 1
+            if steady and self._compiled is not None:
+                return self._compiled()[0, -1]
             return self._forward()[0, -1]
         key = self.cache.layout()
         entry = self._graphs.get(key)
