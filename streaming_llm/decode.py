@@ -14,8 +14,8 @@ Switch: ``cuda_graphs=False`` (or ``STREAMING_LLM_CUDA_GRAPHS=0``) runs every st
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import time
 
 import torch
@@ -23,8 +23,6 @@ from transformers import PreTrainedModel
 
 from .cache import StreamingCache
 from .compat import cache_kwargs
-
-log = logging.getLogger("streaming_llm")
 
 
 def graphs_enabled(model: PreTrainedModel, requested: bool | None = None) -> bool:
@@ -116,11 +114,11 @@ class Decoder:
             logits = self._forward()
         for group in self.cache.groups:
             group.prepared = True  # the replay that follows is the real step
-        if not self._graphs:
-            log.info(
-                "streaming-llm: decode steps replay a CUDA graph (captured in %.2f s; STREAMING_LLM_CUDA_GRAPHS=0 "
-                "turns this off)",
-                time.perf_counter() - began,
+        if not self._graphs:  # one line, once per decoder
+            print(
+                f"streaming-llm: decode steps replay a CUDA graph (captured in {time.perf_counter() - began:.2f} s; "
+                "STREAMING_LLM_CUDA_GRAPHS=0 turns this off)",
+                file=sys.stderr,
             )
         return graph, logits
 
