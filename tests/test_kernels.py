@@ -40,11 +40,17 @@ def reference_banded(query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v,
 
 
 def make_case(seed, batch, kv_heads, groups, q_len, extra, n_sinks, n_segment, window, dim, dim_v, query_first,
-              dtype=torch.float32):  # fmt: skip
-    """Random inputs; ``extra`` recent keys before the chunk; sinks at stream indices 0..n_sinks-1."""
+              dtype=torch.float32, sinks_pinned=False):  # fmt: skip
+    """Random inputs; sinks at stream indices ``0..n_sinks-1``, then ``n_segment`` segment keys.
+
+    Recent keys: ``extra`` before the chunk, then the chunk's own. With ``sinks_pinned`` the layout is the
+    cache's at the start of a stream: the chunk's first tokens are sinks, held only as pinned keys, and the
+    recent keys start after the sinks (``rest_first = max(n_sinks, query_first - window)``).
+    """
     g = torch.Generator().manual_seed(seed)
     heads = kv_heads * groups
-    n_pin, n_rest = n_sinks + n_segment, extra + q_len
+    rest_first = max(n_sinks, query_first - window) if sinks_pinned else query_first - extra
+    n_pin, n_rest = n_sinks + n_segment, query_first + q_len - rest_first
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
@@ -58,7 +64,7 @@ def make_case(seed, batch, kv_heads, groups, q_len, extra, n_sinks, n_segment, w
         pin_index=pin_index,
         rest_k=rand(batch, kv_heads, n_rest, dim),
         rest_v=rand(batch, kv_heads, n_rest, dim_v),
-        rest_first=query_first - extra,
+        rest_first=rest_first,
         query_first=query_first,
         window=window,
         scaling=dim**-0.5,
@@ -85,8 +91,18 @@ cases = st.fixed_dictionaries(
         dim=st.sampled_from([8, 16]),
         dim_v=st.sampled_from([8, 16]),
         query_first=st.integers(0, 30),
+        sinks_pinned=st.booleans(),
     )
 )
+
+
+def realistic(case):
+    """Stream indices start at 0; pinned-sink layout only with sinks (a query must see a key)."""
+    case["query_first"] = max(case["query_first"], case["extra"])
+    if case["sinks_pinned"]:
+        case["n_sinks"] = max(case["n_sinks"], 1)
+        case["query_first"] = min(case["query_first"], case["n_sinks"] + case["window"])
+    return case
 
 
 def fixed_case(**overrides):
@@ -143,7 +159,7 @@ def test_reference_agrees_with_a_per_query_loop():
 @given(case=cases, softcap=st.sampled_from([None, 2.0]), block=st.integers(1, 9))
 @settings(max_examples=25, deadline=None)
 def test_blocked_paths_match_reference(path, case, softcap, block):
-    case["query_first"] = max(case["query_first"], case["extra"])  # stream indices start at 0
+    case = realistic(case)
     if path != "explicit":
         softcap = None
     inputs = make_case(**case)
@@ -157,8 +173,7 @@ def test_blocked_paths_match_reference(path, case, softcap, block):
 @given(case=cases, softcap=st.sampled_from([None, 2.0]))
 @settings(max_examples=6, deadline=None)
 def test_flex_paths_match_reference(eager_flex, path, case, softcap):
-    case["query_first"] = max(case["query_first"], case["extra"])
-    inputs = make_case(**case)
+    inputs = make_case(**realistic(case))
     assert_close(run_path(path, inputs, softcap), reference_banded(**inputs, softcap=softcap), 1e-5)
 
 
@@ -170,6 +185,9 @@ EDGE_CASES = {
     "one query": dict(q_len=1, extra=7),
     "segment only": dict(n_sinks=0, n_segment=3),
     "window 0": dict(window=0),
+    "first chunk: its sinks are pinned, not recent": dict(query_first=0, q_len=12, sinks_pinned=True),
+    "chunk of sinks only": dict(query_first=1, q_len=3, n_sinks=4, sinks_pinned=True),
+    "second chunk starts inside the sinks": dict(query_first=2, q_len=9, n_sinks=4, sinks_pinned=True),
 }
 
 
@@ -207,7 +225,7 @@ def test_noncontiguous_inputs():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(rest_first=0), "last q_len entries"),
+        (dict(rest_first=0), "must end with the chunk's last key"),
         (dict(query_back=torch.zeros(1, 4, 3, 8)), "query_back must have"),
         (dict(pin_index=torch.arange(6, dtype=torch.int32)), "int64"),
         (dict(window=-1), "window must be"),

@@ -79,8 +79,9 @@ def banded_attention(
         pin_v: ``(B, Hkv, P, Dv)`` their values.
         pin_index: ``(P,)`` int64 stream index of each pinned key: pinned key ``j`` is visible to the
             query with stream index ``t`` iff ``pin_index[j] <= t`` (segment keys: ``-1``, always visible).
-        rest_k: ``(B, Hkv, R, D)`` recent keys with contiguous stream indices; the chunk's own keys are
-            the last ``Q`` of them.
+        rest_k: ``(B, Hkv, R, D)`` recent keys with contiguous stream indices, ending with the chunk's
+            own keys (all ``Q`` of them, or fewer when the chunk's first tokens are sinks, pinned instead;
+            ``R`` may then be 0). Every query must see at least one key (its own, recent or pinned).
         rest_v: ``(B, Hkv, R, Dv)`` their values.
         rest_first: stream index of ``rest_k[:, :, 0]``.
         query_first: stream index of query 0 (queries are contiguous); ``rest_first + R == query_first + Q``.
@@ -159,11 +160,9 @@ def _check(
             f"got {pin_index.dtype} {tuple(pin_index.shape)}."
         )
     n_rest = rest_k.shape[-2]
-    if n_rest < q_len:
-        raise ValueError(f"rest_k ({n_rest} keys) must end with the chunk's own {q_len} keys.")
     if rest_first + n_rest != query_first + q_len:
         raise ValueError(
-            f"The chunk's keys must be the last q_len entries of rest_k: rest_first + R = {rest_first + n_rest} "
+            f"rest_k must end with the chunk's last key: rest_first + R = {rest_first + n_rest} "
             f"but query_first + Q = {query_first + q_len}."
         )
     if window < 0:
@@ -184,8 +183,13 @@ class _Band:
         for i0 in range(0, q_len, block):
             i1 = min(q_len, i0 + block)
             lo = max(0, self.query_first + i0 - self.window - self.rest_first)
-            hi = self.query_first + i1 - self.rest_first
+            hi = max(lo, self.query_first + i1 - self.rest_first)  # == lo: only pinned keys (sink queries)
             yield i0, i1, lo, hi
+
+    @property
+    def n_blind(self) -> int:
+        """Leading queries that see no recent key: chunk tokens before ``rest_first`` (pinned sinks)."""
+        return max(0, self.rest_first - self.query_first)
 
     def stream(self, i0: int, i1: int) -> Tensor:
         """Stream indices of queries ``i0:i1``."""
@@ -216,6 +220,15 @@ def _pinned_logits(
     if softcap is not None:
         scores = torch.tanh(scores / softcap).mul_(softcap)
     return scores.masked_fill_(~visible, float("-inf"))
+
+
+def _blind_rows(out_w: Tensor, lse_w: Tensor, n_blind: int) -> None:
+    """Queries that see no recent key: an empty window part (zero output, ``-inf`` log-sum-exp).
+
+    Fused kernels report 0 as the log-sum-exp of a fully masked row, and crash on zero keys."""
+    if n_blind:
+        out_w[..., :n_blind, :] = 0
+        lse_w[..., :n_blind] = float("-inf")
 
 
 def _merge(out_w: Tensor, lse_w: Tensor, pin_logits: Tensor, pin_v: Tensor) -> Tensor:
@@ -330,6 +343,8 @@ def _sdpa_lse(
     out_w = query.new_empty(batch, kv_heads, groups, q_len, rest_v.shape[-1])
     lse_w = torch.empty(batch, kv_heads, groups, q_len, dtype=torch.float32, device=query.device)
     for i0, i1, lo, hi in band.blocks(q_len, block):
+        if hi == lo:  # every query of the block is a pinned sink: no recent key (fixed below)
+            continue
         n_q = i1 - i0
         first_key = band.query_first + i0 - band.window - band.rest_first  # template column 0 (may be < lo)
         bias = template[:, :n_q, lo - first_key : hi - first_key].reshape(groups * n_q, hi - lo)
@@ -337,6 +352,7 @@ def _sdpa_lse(
         out, lse = _window_lse(folded, rest_k[:, :, lo:hi], rest_v[:, :, lo:hi], bias, scaling)
         out_w[:, :, :, i0:i1] = out.view(batch, kv_heads, groups, n_q, -1)
         lse_w[:, :, :, i0:i1] = lse.view(batch, kv_heads, groups, n_q)
+    _blind_rows(out_w, lse_w, band.n_blind)
     visible = band.pinned_visible(pin_index, 0, q_len)
     pin_logits = _pinned_logits(_grouped(query_back, kv_heads), pin_k, visible, scaling, None)
     return _merge(out_w, lse_w, pin_logits, pin_v).to(query.dtype).view(batch, heads, q_len, -1)
@@ -383,11 +399,16 @@ def _flex(
     batch, heads, q_len, _ = query.shape
     kv_heads = rest_k.shape[1]
     score_mod = _softcap_mod(softcap)
-    block_mask = _window_block_mask(q_len, rest_k.shape[-2], band.window, query.device)
-    out_w, lse_w = _flex_attention()(
-        query, rest_k, rest_v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True,
-        return_lse=True,
-    )  # fmt: skip
+    if rest_k.shape[-2]:
+        block_mask = _window_block_mask(q_len, rest_k.shape[-2], band.window, query.device)
+        out_w, lse_w = _flex_attention()(
+            query, rest_k, rest_v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True,
+            return_lse=True,
+        )  # fmt: skip
+    else:  # the whole chunk is pinned sinks
+        out_w = query.new_zeros(*query.shape[:-1], rest_v.shape[-1])
+        lse_w = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+    _blind_rows(out_w, lse_w, band.n_blind)
     pin_logits = _pinned_logits(
         _grouped(query_back, kv_heads), pin_k, band.pinned_visible(pin_index, 0, q_len), scaling, softcap
     )
