@@ -235,7 +235,7 @@ def _merge(out_w: Tensor, lse_w: Tensor, pin_logits: Tensor, pin_v: Tensor) -> T
     """Join a window part (normalised output, log-sum-exp) with the pinned logits; float32 result.
 
     Shapes (grouped): ``out_w (B, Hkv, g, q, Dv)``, ``lse_w (B, Hkv, g, q)``, ``pin_logits (B, Hkv, g, q, P)``.
-    The window part always holds the query's own key, so the joint log-sum-exp is finite.
+    Every query sees at least one key (its own), so the joint log-sum-exp is finite.
     """
     lse = torch.logaddexp(lse_w, pin_logits.logsumexp(dim=-1))
     out = out_w.float() * torch.exp(lse_w - lse)[..., None]
