@@ -162,7 +162,7 @@ def table(rows: list[dict]) -> str:
     shapes = list(dict.fromkeys((r["window"], r["q_len"]) for r in rows))
     by = {(r["window"], r["q_len"], r["path"]): r for r in rows}
     lines = ["ms per call (x dense causal SDPA over the same keys); best banded path marked *",
-             f"{'W':>5} {'Q':>5} | " + " | ".join(f"{p:>19}" for p in paths)]  # fmt: skip
+             f"{'W':>5} {'Q':>5} | " + " | ".join(f"{p:>20}" for p in paths)]  # fmt: skip
     for w, q in shapes:
         candidates = [by[w, q, p] for p in paths if (w, q, p) in by and p != "dense_causal"]
         best = min(candidates, key=lambda r: r["ms"])["path"]
@@ -170,9 +170,9 @@ def table(rows: list[dict]) -> str:
         for p in paths:
             r = by.get((w, q, p))
             cells.append(
-                f"{'failed':>19}"
+                f"{'failed':>20}"
                 if r is None
-                else f"{r['ms']:>9.2f} ({r['vs_dense']:4.2f}x){'*' if p == best else ' '}"
+                else f"{r['ms']:>9.2f} ({r['vs_dense']:5.2f}x){'*' if p == best else ' '}"
             )
         lines.append(f"{w:>5} {q:>5} | " + " | ".join(cells))
     return "\n".join(lines)
