@@ -8,7 +8,11 @@ does at that cache length). Each path's output is checked against the baseline; 
 
     python benchmarks/ingest_kernels.py                    # CPU, SmolLM2 shapes -> results/ingest_kernels_cpu.*
     python benchmarks/ingest_kernels.py --preset llama3-8b # CUDA, Llama-3-8B shapes, bf16, W=4092, Q=4096
+    python benchmarks/ingest_kernels.py --softcap 50       # Gemma 2 soft-capping (explicit/flex paths only)
     python benchmarks/ingest_kernels.py --windows 252 --chunks 256 --repeat 3   # a quick look
+
+The llama3-8b preset times a single chunk shape to keep the GPU run short (compiling FlexAttention is
+expected to dominate it); add shapes with --chunks. A path that fails there is reported and skipped.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ PRESETS = {
 }  # fmt: skip
 
 
-def old_banded(query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v, rest_first, query_first, window, scaling):
+def old_banded(
+    query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v, rest_first, query_first, window, scaling, softcap=None
+):
     """The blocked algorithm of ``streaming_llm.attention._banded`` (before issue 14), on this module's inputs.
 
     Same loop, block sizes, float32 scores, masked_fill and softmax; the pinned keys are sinks here.
@@ -65,6 +71,8 @@ def old_banded(query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v, rest_
             dim=-1,
         ).float()
         scores.mul_(scaling)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap).mul_(softcap)
         hidden_rest = (u[None, :] < t[:, None] - window) | (u[None, :] > t[:, None])
         scores[..., n_pin:].masked_fill_(hidden_rest, float("-inf"))
         if query_first + i0 < n_pin:
@@ -121,13 +129,14 @@ def timed(fn, repeat: int, device: str) -> tuple[float, torch.Tensor, float]:
     return statistics.median(times), out, first
 
 
-def run(cfg: dict, repeat: int) -> list[dict]:
+def run(cfg: dict, repeat: int, softcap: float | None) -> list[dict]:
     rows = []
     for window in cfg["windows"]:
         for q_len in cfg["chunks"]:
             x = make_inputs(cfg, window, q_len)
+            x_cap = dict(x, softcap=softcap)
             with torch.no_grad():
-                base_ms, base, _ = timed(lambda x=x: old_banded(**x), repeat, cfg["device"])
+                base_ms, base, _ = timed(lambda x=x_cap: old_banded(**x), repeat, cfg["device"])
                 dense = (x[n] for n in ("query", "pin_k", "pin_v", "rest_k", "rest_v", "scaling"))
                 dense_ms, _, _ = timed(lambda args=tuple(dense): dense_causal(*args), repeat, cfg["device"])
                 common = dict(window=window, q_len=q_len, keys=cfg["sinks"] + window + q_len, dense_ms=dense_ms)
@@ -136,7 +145,7 @@ def run(cfg: dict, repeat: int) -> list[dict]:
                 for path in cfg["paths"]:
                     try:
                         ms, out, first = timed(
-                            lambda x=x, p=path: banded.banded_attention(**x, path=p), repeat, cfg["device"]
+                            lambda x=x_cap, p=path: banded.banded_attention(**x, path=p), repeat, cfg["device"]
                         )
                     except Exception as exc:  # a path this torch/device cannot run: say so, keep going
                         print(f"  {path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", flush=True)
@@ -210,6 +219,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+")
     parser.add_argument("--paths", nargs="+", choices=banded.PATHS)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--softcap", type=float, help="soft-cap logits (Gemma 2: 50); SDPA paths are left out")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, help="output prefix (default: benchmarks/results/ingest_kernels_<device>)")
     args = parser.parse_args()
@@ -220,9 +230,12 @@ def main() -> None:
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit(f"Preset {args.preset!r} needs a CUDA GPU; on CPU use --preset smollm2.")
     torch.set_num_threads(args.threads)
-    out = args.out or HERE / "results" / f"ingest_kernels_{cfg['device']}"
+    suffix = "" if args.softcap is None else "_softcap"
+    out = args.out or HERE / "results" / f"ingest_kernels_{cfg['device']}{suffix}"
     began = time.time()
-    rows = run(cfg, args.repeat)
+    if args.softcap is not None:
+        cfg["paths"] = [p for p in cfg["paths"] if not p.startswith("sdpa")]
+    rows = run(cfg, args.repeat, args.softcap)
     device_name = (
         torch.cuda.get_device_name() if cfg["device"] == "cuda" else f"{platform.processor() or platform.machine()}"
     )
@@ -232,6 +245,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": args.threads, "repeat": args.repeat,
         "seconds": round(time.time() - began),
         "shapes": {k: cfg[k] for k in ("dtype", "heads", "kv_heads", "dim", "sinks")}, "batch": 1,
+        "softcap": args.softcap,
         "note": "one attention call; ms is the median after one warm-up call (first_ms includes compilation)",
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)

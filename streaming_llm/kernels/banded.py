@@ -248,25 +248,32 @@ def _explicit(
     query: Tensor, query_back: Tensor, pin_k: Tensor, pin_v: Tensor, pin_index: Tensor, rest_k: Tensor,
     rest_v: Tensor, band: _Band, scaling: float, softcap: float | None, block: int,
 ) -> Tensor:  # fmt: skip
-    """Scores written out per query block (float32), one softmax over pinned + window."""
+    """Scores written out per query block (float32), one softmax over pinned + window.
+
+    The window mask of every block is a slice of one band mask; the pinned logits of all queries
+    (``q_len x P``) are computed once and joined to each block's window scores.
+    """
     batch, heads, q_len, _ = query.shape
-    kv_heads, n_pin = rest_k.shape[1], pin_k.shape[-2]
-    q, q_back = _grouped(query, kv_heads), _grouped(query_back, kv_heads)
-    pk, pv = pin_k[:, :, None], pin_v[:, :, None]
-    rk, rv = rest_k[:, :, None], rest_v[:, :, None]
-    out = query.new_empty(batch, kv_heads, heads // kv_heads, q_len, rest_v.shape[-1])
+    kv_heads = rest_k.shape[1]
+    groups = heads // kv_heads
+    q = _grouped(query, kv_heads)
+    rk, rv, pv = rest_k[:, :, None], rest_v[:, :, None], pin_v[:, :, None]
+    visible = band.pinned_visible(pin_index, 0, q_len)
+    pin_logits = _pinned_logits(_grouped(query_back, kv_heads), pin_k, visible, scaling, softcap)
+    template = _band_bias(min(block, q_len), band.window, 1, torch.float32, query.device)[0]
+    out = query.new_empty(batch, kv_heads, groups, q_len, rest_v.shape[-1])
     for i0, i1, lo, hi in band.blocks(q_len, block):
-        scores = torch.cat(
-            (q_back[:, :, :, i0:i1] @ pk.transpose(-1, -2), q[:, :, :, i0:i1] @ rk[..., lo:hi, :].transpose(-1, -2)),
-            dim=-1,
-        ).float()
-        scores.mul_(scaling)
+        first_key = band.query_first + i0 - band.window - band.rest_first
+        scores = (q[:, :, :, i0:i1] @ rk[..., lo:hi, :].transpose(-1, -2)).float().mul_(scaling)
         if softcap is not None:
-            scores = torch.tanh(scores / softcap).mul_(softcap)
-        visible = torch.cat((band.pinned_visible(pin_index, i0, i1), band.recent_visible(i0, i1, lo, hi)), dim=-1)
-        scores.masked_fill_(~visible, float("-inf"))
-        probs = scores.softmax(dim=-1).to(rest_v.dtype)
-        out[:, :, :, i0:i1] = probs[..., :n_pin] @ pv + probs[..., n_pin:] @ rv[..., lo:hi, :]
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
+        scores.add_(template[: i1 - i0, lo - first_key : hi - first_key])
+        pinned = pin_logits[:, :, :, i0:i1]
+        top = torch.stack([x.amax(dim=-1) for x in (scores, pinned) if x.shape[-1]]).amax(dim=0)[..., None]
+        probs, pin_probs = scores.sub_(top).exp_(), (pinned - top).exp_()
+        total = probs.sum(dim=-1, keepdim=True) + pin_probs.sum(dim=-1, keepdim=True)
+        mixed = (probs.to(rest_v.dtype) @ rv[..., lo:hi, :]).float() + pin_probs @ pv.float()
+        out[:, :, :, i0:i1] = mixed.div_(total)
     return out.view(batch, heads, q_len, -1)
 
 
