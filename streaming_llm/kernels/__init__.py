@@ -1,0 +1,20 @@
+"""Attention kernels for streaming ingestion (see :mod:`streaming_llm.kernels.banded`).
+
+:func:`banded_attention` computes, exactly, the attention of a chunk that crosses the eviction point:
+pinned keys (sinks, segment) scored with the turned-back queries, plus each query's sliding window.
+With today's cache (``Step`` from ``StreamingLayer._update_banded``: working set ``[pinned | recent]``),
+it replaces the body of ``attention._banded``::
+
+    n_pin = step.n_pinned
+    n_sinks = n_pin - layer.segment_len
+    q_back = layer.rope.rotate(query, -offsets.to(query.device))
+    pin_index = torch.cat((torch.arange(n_sinks, device=query.device),
+                           torch.full((layer.segment_len,), -1, device=query.device)))
+    return banded_attention(query, q_back, key[:, :, :n_pin], value[:, :, :n_pin], pin_index,
+                            key[:, :, n_pin:], value[:, :, n_pin:], step.rest_start, step.t0,
+                            layer.window.recent_size, scaling, softcap)
+"""
+
+from .banded import DEFAULT_PATH, PATHS, QUERY_BLOCK, banded_attention
+
+__all__ = ["DEFAULT_PATH", "PATHS", "QUERY_BLOCK", "banded_attention"]
