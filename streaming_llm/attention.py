@@ -25,10 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .architectures import bind_model
 from .cache import ATTN_IMPLEMENTATION, StreamingCache, StreamingStep
-
-# Queries per block in the banded path: bounds memory to block x (start + recent + block) scores.
-# Small blocks are fastest on CPUs; on GPUs larger ones mean fewer kernel launches.
-QUERY_BLOCK = {"cpu": 128, "cuda": 1024}
+from .kernels import banded_attention
 
 
 @dataclass(frozen=True)
@@ -121,53 +118,21 @@ def _banded(
     """Each query attends to the pinned keys (turned to sit before its window) and its own window.
 
     ``key``/``value`` are the working set ``[pinned | recent]``; recent key ``r`` has stream index
-    ``step.rest_start + r``. Query ``i`` (stream ``t``) sees recent keys in ``[t - recent_size, t]``
-    and the sinks ``j <= t``.
+    ``plan.rest_start + r``. Query ``i`` (stream ``t``) sees recent keys in ``[t - recent_size, t]``
+    and the sinks ``j <= t``; the kernel (:func:`~streaming_llm.kernels.banded_attention`) picks a
+    fused path by device (no per-query loop, no score matrix larger than one block).
     """
-    step = group.plan
-    offsets = step.offsets
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    n_pin = step.n_pinned
+    plan = group.plan
+    n_pin = plan.n_pinned
     n_sinks = n_pin - group.segment_len
-    window = group.window.recent_size
-    # Pinned logits use the query turned back by its offset: q' . k_pin == q . R(e) k_pin.
-    q_back = group.rope.rotate(query, -offsets.to(query.device))
-    # (batch, kv_heads, groups, q_len, dim): grouped-query attention without copying keys.
-    q = query.reshape(batch, kv_heads, groups, q_len, dim)
-    q_back = q_back.reshape(batch, kv_heads, groups, q_len, dim)
-    pin_k, pin_v = key[:, :, None, :n_pin], value[:, :, None, :n_pin]
-    rest_k, rest_v = key[:, :, None, n_pin:], value[:, :, None, n_pin:]
-    n_rest = rest_k.shape[-2]
     device = query.device
-    pin_idx = torch.arange(n_pin, device=device)
-    out = q.new_empty(q.shape)
-    block = QUERY_BLOCK.get(device.type, 128)
-    for i0 in range(0, q_len, block):
-        i1 = min(q_len, i0 + block)
-        t = step.t0 + torch.arange(i0, i1, device=device)  # stream indices of these queries
-        lo = max(0, step.t0 + i0 - window - step.rest_start)
-        hi = min(n_rest, step.t0 + i1 - step.rest_start)
-        u = step.rest_start + torch.arange(lo, hi, device=device)
-        scores = torch.cat(
-            (
-                q_back[:, :, :, i0:i1] @ pin_k.transpose(-1, -2),
-                q[:, :, :, i0:i1] @ rest_k[:, :, :, lo:hi].transpose(-1, -2),
-            ),
-            dim=-1,
-        ).float()
-        scores.mul_(scaling)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap).mul_(softcap)
-        hidden_rest = (u[None, :] < t[:, None] - window) | (u[None, :] > t[:, None])
-        scores[..., n_pin:].masked_fill_(hidden_rest, float("-inf"))
-        if step.t0 + i0 < n_sinks:  # sinks that come later in this chunk are still in the future
-            future_sinks = (pin_idx[None, :] < n_sinks) & (pin_idx[None, :] > t[:, None])
-            scores[..., :n_pin].masked_fill_(future_sinks, float("-inf"))
-        probs = scores.softmax(dim=-1).to(value.dtype)
-        out[:, :, :, i0:i1] = probs[..., :n_pin] @ pin_v + probs[..., n_pin:] @ rest_v[:, :, :, lo:hi]
-    return out.view(batch, heads, q_len, dim)
+    # Pinned logits use the query turned back by its offset: q' . k_pin == q . R(e) k_pin.
+    q_back = group.rope.rotate(query, -plan.offsets.to(device))
+    pin_index = torch.cat((torch.arange(n_sinks, device=device), torch.full((group.segment_len,), -1, device=device)))
+    return banded_attention(
+        query, q_back, key[:, :, :n_pin], value[:, :, :n_pin], pin_index, key[:, :, n_pin:], value[:, :, n_pin:],
+        plan.rest_start, plan.t0, group.window.recent_size, scaling, softcap,
+    )  # fmt: skip
 
 
 def streaming_mask(*args, q_offset=0, attention_mask: torch.Tensor | None = None, q_length: int = 0, **kwargs):
