@@ -26,6 +26,7 @@ times ``(pinned + block + window)`` keys (the pinned part of ``"flex"`` is ``q_l
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -100,7 +101,9 @@ def banded_attention(
     _check(query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v, rest_first, query_first, window, softcap)
     device = query.device.type
     if path is None:
-        path = DEFAULT_PATH.get((device, softcap is not None), "explicit")
+        path = os.environ.get("STREAMING_LLM_BANDED_PATH") or DEFAULT_PATH.get(
+            (device, softcap is not None), "explicit"
+        )
     if path not in PATHS:
         raise ValueError(f"Unknown banded attention path {path!r}; choose one of {PATHS}.")
     if path in ("sdpa_concat", "sdpa_lse") and softcap is not None:
