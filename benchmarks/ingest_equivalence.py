@@ -42,21 +42,26 @@ def main() -> None:
     parser.add_argument("--recent-size", type=int, default=4092)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers (an fp32 check)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    shape = dict(TINY if args.tiny else LLAMA3_8B)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))).to(dtype).eval()
+        model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).eval()
     install(model)
     ids = torch.randint(0, model.config.vocab_size, (args.tokens,), device=device)
     old = run(model, ids, args.chunk, 4, args.recent_size, "explicit")
-    new = run(model, ids, args.chunk, 4, args.recent_size, None)
+    new = run(model, ids, args.chunk, 4, args.recent_size, os.environ.get("NEW_PATH"))
     diff = (old - new).abs().amax(-1)
     result = {
         "command": "python " + " ".join(sys.argv), "dtype": str(dtype), "tokens": args.tokens, "chunk": args.chunk,
-        "new_path": DEFAULT_PATH.get((device.type, False)), "max_abs_logit_diff": diff.max().item(),
+        "new_path": os.environ.get("NEW_PATH") or DEFAULT_PATH.get((device.type, False)), "layers": shape["num_hidden_layers"], "max_abs_logit_diff": diff.max().item(),
         "median_abs_logit_diff": diff.median().item(), "logit_scale": old.abs().max().item(),
         "greedy_agreement": (old.argmax(-1) == new.argmax(-1)).float().mean().item(),
     }  # fmt: skip

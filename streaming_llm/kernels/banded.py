@@ -39,8 +39,11 @@ PATHS = ("explicit", "sdpa_concat", "sdpa_lse", "flex", "flex_concat")
 DEFAULT_PATH: dict[tuple[str, bool], str] = {
     ("cpu", False): "sdpa_lse",
     ("cpu", True): "explicit",
-    ("cuda", False): "flex",
-    ("cuda", True): "flex",
+    # Measured on an H200 (benchmarks/results/ingest_kernels_cuda.md): flex 0.87x, sdpa_concat 1.10x dense
+    # causal SDPA at W=4092, Q=4096. flex needs a compile per new chunk shape (8.5 s the first time) and failed
+    # to compile a 64-query chunk on torch 2.11, so the robust sdpa_concat is the default.
+    ("cuda", False): "sdpa_concat",
+    ("cuda", True): "explicit",
 }
 
 # Queries per block by (path, device type); "flex" runs the whole chunk in one call.
