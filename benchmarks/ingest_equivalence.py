@@ -61,7 +61,9 @@ def main() -> None:
     diff = (old - new).abs().amax(-1)
     result = {
         "command": "python " + " ".join(sys.argv), "dtype": str(dtype), "tokens": args.tokens, "chunk": args.chunk,
-        "new_path": os.environ.get("NEW_PATH") or DEFAULT_PATH.get((device.type, False)), "layers": shape["num_hidden_layers"], "max_abs_logit_diff": diff.max().item(),
+        "layers": shape["num_hidden_layers"],
+        "new_path": os.environ.get("NEW_PATH") or DEFAULT_PATH.get((device.type, False)),
+        "max_abs_logit_diff": diff.max().item(),
         "median_abs_logit_diff": diff.median().item(), "logit_scale": old.abs().max().item(),
         "greedy_agreement": (old.argmax(-1) == new.argmax(-1)).float().mean().item(),
     }  # fmt: skip
