@@ -254,16 +254,13 @@ class Server:
 
     def chat_work(self, body: ChatRequest, session_id: str, explicit: bool) -> Iterator[object]:
         messages = body.messages
-        live = self._resolve(messages, session_id)
+        live, created = self._resolve(messages, session_id)
         session = live.session
-        known = live.messages
-        if known:
-            self.resumed += 1
-        new = self._new_messages(live, messages, explicit)
-        if known == 0 and new and new[0].kind == "system":
-            new = new[1:]  # the system prompt was given to the new session
+        self.resumed += not created
+        new = self._new_messages(live, messages)
         self.check_prompt([m.text for m in new])
-        seen, generated, text, stream, done, failed = session.cache.seen_tokens, 0, [], None, False, False
+        seen = 0 if created else session.cache.seen_tokens  # a new session's system prompt counts too
+        generated, text, stream, done, failed = 0, [], None, False, False
         digest, count = live.digest, live.messages
         try:
             for message in new[:-1]:
@@ -294,7 +291,8 @@ class Server:
             processed = session.cache.seen_tokens - seen
             yield Done({"prompt_tokens": max(processed - generated, 0), "completion_tokens": generated}, live.id)
 
-    def _resolve(self, messages: list[Message], session_id: str) -> Live:
+    def _resolve(self, messages: list[Message], session_id: str) -> tuple[Live, bool]:
+        """The session (found, restored from disk, or new with the request's system prompt) and whether it is new."""
         try:
             live = self.store.get(session_id)
         except SessionFileError as problem:
@@ -305,25 +303,31 @@ class Server:
                 code="session_unreadable",
             ) from None
         if live is not None:
-            return live
+            return live, False
         system = messages[0] if messages[0].kind == "system" else None
         session = StreamingSession(self.model, self.tokenizer, system.text if system else None,
                                    start_size=self.start_size, recent_size=self.recent_size)  # fmt: skip
         live = Live(session_id, session)
         if system is not None:
             live.digest, live.messages = chain("", "system", system.text), 1
-        return live
+        return live, True
 
-    def _new_messages(self, live: Live, messages: list[Message], explicit: bool) -> list[Message]:
+    def _new_messages(self, live: Live, messages: list[Message]) -> list[Message]:
+        """Which of ``messages`` the session has not seen.
+
+        A request that starts with a system message carries the whole history: it must extend what the
+        session has seen (409 otherwise). Otherwise, when its first messages are exactly the session's
+        history they are skipped; else all of them are new.
+        """
         known = live.messages
-        if known == 0 or (known == 1 and messages[0].kind == "system"):
+        if known == 0:
             return messages
         digest = ""
         for message in messages[:known]:
             digest = chain(digest, message.kind, message.text)
         if len(messages) > known and digest == live.digest:
             return messages[known:]  # the whole history was resent: feed only what is new
-        if messages[0].kind == "system" or len(messages) > known:
+        if messages[0].kind == "system":
             raise RequestError(409, f"These messages contradict session {live.id!r} ({known} messages so far): send "
                                     "only the new messages, or the exact history followed by new ones, or DELETE the "
                                     "session to start over.", param="messages", code="history_mismatch")  # fmt: skip
