@@ -256,7 +256,7 @@ def test_malformed_bodies(served):
     for method, path, status in [("GET", "/nope", 404), ("GET", "/v1/chat/completions", 405)]:
         response = httpx.request(method, served.url + path, headers=headers, timeout=30)
         assert response.status_code == status and response.json()["error"]["message"]
-    assert chat(served.client(), [{"role": "user", "content": [{"type": "text", "text": "Parts"}]}])  is not None
+    assert chat(served.client(), [{"role": "user", "content": [{"type": "text", "text": "Parts"}]}]) is not None
 
 
 def test_api_key_origin_and_host_checks(served):
