@@ -213,19 +213,25 @@ def test_stale_temporaries_are_removed(tmp_path, saved):
 def test_a_thousand_turns_keep_file_size_and_heap_flat(model, tokenizer, tmp_path):
     session = StreamingSession(model, tokenizer, SYSTEM, recent_size=64)
     sizes, heaps = [], []
-    gc.collect()
-    tracemalloc.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: one thread is faster, and CI machines are shared
     try:
         for turn in range(1000):
-            session.chat(f"Turn {turn}: tell me more.", max_new_tokens=3)
+            if turn == 100:  # warm-up done: trace Python allocations from here on
+                gc.collect()
+                tracemalloc.start()
+            session.chat(f"Turn {turn}: tell me more.", max_new_tokens=2)
             if turn % 100 == 99:
                 sizes.append(session.save(tmp_path / "soak.safetensors").stat().st_size)
                 gc.collect()
                 heaps.append(tracemalloc.get_traced_memory()[0])
     finally:
         tracemalloc.stop()
+        torch.set_num_threads(threads)
     assert session.stats().evicted_tokens > 20 * 64
     assert len(session.pending_ids) == 0 and len(session.window_ids) == 0  # kept only with hybrid memory
-    assert len(set(sizes[1:])) == 1, sizes  # the file does not grow after warm-up
-    growth = max(heaps[1:]) - heaps[1]
+    # After warm-up the file only varies by the few bytes of the last messages' text (it used to grow by 8 bytes
+    # per evicted token: ~100 KiB over these turns).
+    assert max(sizes[1:]) - min(sizes[1:]) < 512, sizes
+    growth = max(heaps[2:]) - heaps[1]
     assert growth < 256 * 1024, f"Python heap grew by {growth} bytes over 800 turns: {heaps}"
