@@ -131,7 +131,8 @@ def main() -> None:
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "label": args.label,
         "engine": "single worker, sessions interleaved token by token (no batching)",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_1m_at_end": os.getloadavg()[0]},
         "results": results,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

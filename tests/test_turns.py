@@ -220,7 +220,7 @@ def test_a_thousand_turns_keep_file_size_and_heap_flat(model, tokenizer, tmp_pat
             if turn == 100:  # warm-up done: trace Python allocations from here on
                 gc.collect()
                 tracemalloc.start()
-            session.chat(f"Turn {turn}: tell me more.", max_new_tokens=2)
+            session.chat(f"Turn {turn}: tell me more.", max_new_tokens=1)
             if turn % 100 == 99:
                 sizes.append(session.save(tmp_path / "soak.safetensors").stat().st_size)
                 gc.collect()
@@ -235,3 +235,14 @@ def test_a_thousand_turns_keep_file_size_and_heap_flat(model, tokenizer, tmp_pat
     assert max(sizes[1:]) - min(sizes[1:]) < 512, sizes
     growth = max(heaps[2:]) - heaps[1]
     assert growth < 256 * 1024, f"Python heap grew by {growth} bytes over 800 turns: {heaps}"
+
+
+@pytest.mark.parametrize(
+    "bad", [{"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")}, {"top_k": 1.5},
+            {"temperature": -1}, {"top_p": 0}, {"repetition_penalty": 0}],
+)  # fmt: skip
+def test_bad_sampling_values_are_clear_value_errors(bad):
+    from streaming_llm import SamplingConfig
+
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingConfig(**bad)
