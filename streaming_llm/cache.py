@@ -696,28 +696,6 @@ class StreamingCache(Cache):
             group.segment_len = n
             group.pinned_rotation = None
 
-    def fork_sinks(self, recent_size: int) -> StreamingCache:
-        """A new cache holding a copy of this cache's sinks (at their canonical positions), ``recent_size``
-        window, nothing else: feed tokens to it to encode them right after the sinks (memory segments).
-
-        Raises:
-            ValueError: The sinks are not all in this cache yet.
-        """
-        if self.seen_tokens < self.start_size or not self.main.initialized:
-            raise ValueError("The sinks are not all in the cache yet.")
-        fork = StreamingCache(self.config, self.start_size, recent_size, positions="absolute")
-        s = self.start_size
-        for mine, theirs in zip(self.groups, fork.groups, strict=True):
-            if not mine.segment_capacity and mine is not self.main:
-                continue  # sliding layers: nothing pinned
-            theirs.allocate(mine.keys[0], mine.values[0])
-            sinks = slice(mine.sink_base, mine.sink_base + s)
-            theirs.pinned[..., theirs.sink_base : theirs.sink_base + s, :] = mine.pinned[..., sinks, :]
-            theirs.keys[..., theirs.sink_base : theirs.sink_base + s, :] = mine.pinned[..., sinks, :]
-            theirs.values[..., theirs.sink_base : theirs.sink_base + s, :] = mine.values[..., sinks, :]
-            theirs.seen, theirs.shift, theirs.pinned_rotation = s, 0, 0
-        return fork
-
     # -- state, for saving and restoring sessions ------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The tensors and counters needed to rebuild this cache exactly, sized by content.

@@ -82,6 +82,19 @@ def decode_step(model: PreTrainedModel, cache: StreamingCache, token_id: int | t
     return decoder_for(model, cache)(token_id)
 
 
+def check_max_new_tokens(max_new_tokens: object, endless_ok: bool = True) -> None:
+    """Raise a clear ``ValueError`` unless ``max_new_tokens`` is an int >= 1 (or None when ``endless_ok``).
+
+    The one rule for every surface (functions, sessions, CLI, server): 0, negatives, floats, bools and
+    strings are refused rather than rounded or read as "one token".
+    """
+    if max_new_tokens is None and endless_ok:
+        return
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        endless = " or None (no limit)" if endless_ok else ""
+        raise ValueError(f"max_new_tokens must be an integer >= 1{endless}, got {max_new_tokens!r}")
+
+
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Every token id that ends generation for this model."""
     ids: set[int] = set()
@@ -147,8 +160,9 @@ def stream_generate(
     Yields:
         :class:`GenerationChunk` pieces; the last one has ``finish_reason`` set.
     """
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 or None (endless), got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
+    if isinstance(prompt, str) and not prompt:
+        raise ValueError("The prompt is empty: give at least one character (or token id) to continue from.")
     install(model)
     cache = cache if cache is not None else StreamingCache(model.config, start_size, recent_size)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
@@ -197,6 +211,6 @@ def _stream(
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str | list[int], **kwargs) -> str:
     """Like :func:`stream_generate`, returning the whole text (``max_new_tokens`` must be finite)."""
-    if kwargs.get("max_new_tokens", 256) is None:
+    if "max_new_tokens" in kwargs and kwargs["max_new_tokens"] is None:
         raise ValueError("generate() needs a finite max_new_tokens; use stream_generate() for endless output.")
     return "".join(piece.text for piece in stream_generate(model, tokenizer, prompt, **kwargs))

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .cache import StreamingCache
 from .compat import cache_kwargs
-
-if TYPE_CHECKING:
-    from .session import StreamingSession
 
 Summarizer = Callable[[str, str], str]
 """``summarizer(previous_summary, newly_evicted_text) -> new_summary``."""
@@ -42,7 +38,8 @@ class HybridMemory:
     Attributes:
         summarizer: ``(previous_summary, evicted_text) -> summary``; None uses the session's own model.
         max_tokens: Largest summary kept (tokens); the pinned slot is this big.
-        update_every: Evicted tokens collected before the summary is updated.
+        update_every: Evicted tokens collected before the summary is updated (so at most this many
+            evicted token ids are held at any time).
         frame: How the summary is shown to the model.
     """
 
@@ -51,34 +48,46 @@ class HybridMemory:
     update_every: int = 256
     frame: str = "(Summary of the earlier conversation: {summary})\n"
 
-    def summarize(self, session: StreamingSession, previous: str, evicted: str) -> str:
+    def __post_init__(self):
+        if self.max_tokens < 1 or self.update_every < 1:
+            raise ValueError(f"max_tokens and update_every must be >= 1, got {self.max_tokens}, {self.update_every}")
+
+    def summarize(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, previous: str,
+                  evicted: str) -> str:  # fmt: skip
+        """The updated summary: the configured summariser's, or the model's own."""
         if self.summarizer is not None:
             return self.summarizer(previous, evicted)
-        return summarize_with_model(session.model, session.tokenizer, previous, evicted, self.max_tokens)
+        return summarize_with_model(model, tokenizer, previous, evicted, self.max_tokens)
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, summary: str) -> list[int]:
         ids = tokenizer(self.frame.format(summary=summary), add_special_tokens=False)["input_ids"]
         return ids[: self.max_tokens]
 
     def install(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: StreamingCache,
-                summary: str) -> None:  # fmt: skip
-        """Encode ``summary`` after the sinks and make it the cache's pinned segment."""
-        keys, values = encode_segment(model, cache, self.encode(tokenizer, summary))
+                sink_ids: list[int], summary: str) -> None:  # fmt: skip
+        """Encode ``summary`` right after the sinks (whose ids are ``sink_ids``) and make it ``cache``'s
+        pinned segment, through the cache's public :meth:`StreamingCache.set_segment`."""
+        keys, values = encode_segment(model, sink_ids, self.encode(tokenizer, summary))
         cache.set_segment(keys, values)
 
 
 @torch.no_grad()
 def encode_segment(
-    model: PreTrainedModel, cache: StreamingCache, ids: list[int]
+    model: PreTrainedModel, sink_ids: list[int], ids: list[int]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Keys/values of ``ids`` placed right after ``cache``'s sinks, attending to the sinks and themselves."""
-    scratch = cache.fork_sinks(max(len(ids), 256))
-    input_ids = torch.tensor([ids], device=model.device)
-    model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, scratch))
-    slots = slice(scratch.main.ring_base, scratch.main.ring_base + len(ids))
-    return [layer.keys[:, :, slots] for layer in scratch.layers], [
-        layer.values[:, :, slots] for layer in scratch.layers
-    ]
+    """Per layer, keys/values ``(1, kv_heads, len(ids), head_dim)`` of ``ids`` placed right after the
+    sinks ``sink_ids`` (positions ``len(sink_ids) ..``), attending to the sinks and themselves.
+
+    The sinks are re-encoded on a scratch ``DynamicCache`` (a few tokens), so nothing of the main
+    cache's internals is read or written.
+    """
+    scratch = DynamicCache(config=model.config)
+    input_ids = torch.tensor([list(sink_ids) + list(ids)], device=model.device)
+    model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, scratch))
+    start = len(sink_ids)
+    keys = [layer.keys[:, :, start:] for layer in scratch.layers]
+    values = [layer.values[:, :, start:] for layer in scratch.layers]
+    return keys, values
 
 
 def summarize_with_model(

@@ -1,9 +1,15 @@
-"""Saving and restoring sessions: one safetensors file, written atomically, checked on load.
+"""Session files: one safetensors file, written atomically, checked on read. File I/O only.
 
-The file holds the cache tensors, the ids the session tracks, and a JSON header (format version,
-model identity, sizes, counters, template context, summary, sampler state) plus a SHA-256 of every
-tensor, so a truncated, corrupted, foreign or other-model file is refused with a clear
-:class:`SessionFileError` and nothing of the caller's current session is touched.
+What goes into a file is the owner's business (:meth:`StreamingSession.state` gives ``(tensors,
+state)``); this module adds a JSON header (format, version, model identity, the state) and a SHA-256
+over the header *and* every tensor, writes it atomically, and on reading refuses anything that is
+not exactly such a file with a :class:`SessionFileError`: truncated, bit-flipped, edited (even a
+same-length edit of a header value), foreign, from another format version, or from another model
+(the identity includes a fingerprint of the weights, not only the config).
+
+Temporary files are named ``.<name>.<pid>.<random>.tmp`` beside the target; :func:`remove_stale_temporaries`
+deletes those whose writing process is gone (a ``kill -9`` during a save), and every save does so for
+its own target.
 """
 
 from __future__ import annotations
@@ -11,149 +17,188 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from .architectures import describe
-from .cache import StreamingCache
-from .sampling import SamplingConfig
-
-if TYPE_CHECKING:
-    from .memory import HybridMemory
-    from .session import StreamingSession
 
 FORMAT = "streaming-llm-session"
-VERSION = 1
+VERSION = 2
 HEADER_KEY = "streaming_llm"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class SessionFileError(ValueError):
-    """A session file cannot be used (corrupt, truncated, foreign, wrong version or other model)."""
+    """A session file cannot be used (corrupt, truncated, edited, foreign, wrong version or other model)."""
+
+
+def weights_fingerprint(model: PreTrainedModel) -> str:
+    """SHA-256 (hex) over the names, shapes, dtypes and bytes of every parameter and buffer.
+
+    Computed once per model object (about a second per 500 MB on CPU) and remembered; a model whose
+    weights are changed in place afterwards keeps its first fingerprint.
+    """
+    if model in _fingerprints:
+        return _fingerprints[model]
+    sha = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        tensor = tensor.detach()
+        sha.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        sha.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    _fingerprints[model] = sha.hexdigest()
+    return _fingerprints[model]
 
 
 def model_identity(model: PreTrainedModel) -> dict[str, object]:
+    """What a session file must match to be loaded: architecture, sizes, and the weights' fingerprint."""
     identity = describe(model.config).identity()
     identity["vocab_size"] = model.config.vocab_size
     identity["hidden_size"] = model.config.hidden_size
+    identity["weights_sha256"] = weights_fingerprint(model)
     return identity
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    sha = hashlib.sha256()
+def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256(json.dumps(header, sort_keys=True, allow_nan=False).encode())
     for name in sorted(tensors):
-        sha.update(name.encode())
-        sha.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        tensor = tensors[name].detach().cpu().contiguous()
+        sha.update(f"\x00{name}:{tuple(tensor.shape)}:{tensor.dtype}\x00".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()
 
 
-def save_session(session: StreamingSession, path: Path) -> Path:
-    """Write ``session`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    cache_tensors, counters = session.cache.state()
-    tensors = {f"cache.{k}": v.detach().cpu().contiguous() for k, v in cache_tensors.items()}
-    tensors["session.window_ids"] = torch.tensor(list(session.window_ids), dtype=torch.int64)
-    tensors["session.pending_ids"] = torch.tensor(session.pending_ids, dtype=torch.int64)
-    if session.last_logits is not None:
-        tensors["session.last_logits"] = session.last_logits.detach().cpu().contiguous()
-    if session.sampler.generator is not None:
-        tensors["session.rng_state"] = session.sampler.generator.get_state().cpu()
-    header = {
-        "format": FORMAT, "version": VERSION, "model": model_identity(session.model), "counters": counters,
-        "session": {
-            "system_prompt": session.system_prompt, "turns": session.turns, "summary": session.summary,
-            "template_context": session.template.context, "sampling": vars(session.sampling),
-            "recent_ids": list(session.sampler.recent), "window_capacity": session.window_ids.maxlen,
-            "prefill_chunk": session.prefill_chunk,
-        },
-        "sha256": _digest(tensors),
-    }  # fmt: skip
+def write_session_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict,
+                       model: PreTrainedModel) -> Path:  # fmt: skip
+    """Write ``tensors`` and the JSON-serialisable ``state`` to ``path`` atomically.
+
+    The file appears complete or not at all: a temporary file in the same folder is written, flushed
+    to disk and renamed over ``path``. Returns ``path``. Raises ``OSError`` (disk full, no permission);
+    the previous file at ``path``, if any, is then untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    header = {"format": FORMAT, "version": VERSION, "model": model_identity(model), "state": state}
+    header["sha256"] = _digest(header, tensors)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file(tensors, temporary, metadata={HEADER_KEY: json.dumps(header)})
+        save_file(tensors, temporary, metadata={HEADER_KEY: json.dumps(header, allow_nan=False)})
         with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
 
 
-def read_session_file(path: Path, model: PreTrainedModel) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and validate a session file; return ``(header, tensors)``."""
-    if not Path(path).is_file():
+def read_session_file(path: str | os.PathLike, model: PreTrainedModel) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check a file written by :func:`write_session_file`; return ``(state, tensors)`` (CPU tensors).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        SessionFileError: anything else wrong with the file, with what and how to fix it.
+    """
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"No session file at {path}")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # safetensors raises several types for damaged files
         raise SessionFileError(f"{path} is not a readable session file (truncated or corrupt): {error}") from None
     if HEADER_KEY not in metadata:
         raise SessionFileError(f"{path} is a safetensors file but not a streaming-llm session.")
     try:
         header = json.loads(metadata[HEADER_KEY])
-    except json.JSONDecodeError:
-        raise SessionFileError(f"{path} has a corrupt session header.") from None
-    if header.get("format") != FORMAT:
-        raise SessionFileError(f"{path} is not a streaming-llm session (format {header.get('format')!r}).")
+    except (json.JSONDecodeError, RecursionError):
+        raise SessionFileError(f"{path} has a corrupt session header (not JSON).") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise SessionFileError(f"{path} is not a streaming-llm session (format {found!r}).")
     if header.get("version") != VERSION:
         raise SessionFileError(
-            f"{path} was written in session format version {header.get('version')}; this version reads {VERSION}."
+            f"{path} was written in session format version {header.get('version')!r}; this version reads {VERSION}. "
+            "Start a new session (the old file cannot be converted)."
         )
-    if header.get("sha256") != _digest(tensors):
-        raise SessionFileError(f"{path} is corrupt: its tensors do not match their checksum.")
+    claimed = header.pop("sha256", None)
+    try:
+        actual = _digest(header, tensors)
+    except (TypeError, ValueError):
+        actual = None
+    if claimed != actual:
+        raise SessionFileError(f"{path} is corrupt or was edited: its header and tensors do not match their checksum.")
     expected = model_identity(model)
     if header.get("model") != expected:
         raise SessionFileError(
-            f"{path} was made with another model ({header.get('model')}); this model is {expected}. "
-            "Load it with the model that created it."
+            f"{path} was made with another model ({_short(header.get('model'))}); this model is {_short(expected)}. "
+            "Load it with the model (same weights) that created it."
         )
-    return header, tensors
+    if not isinstance(header.get("state"), dict):
+        raise SessionFileError(f"{path} has no session state in its header.")
+    return header["state"], tensors
 
 
-def load_session(
-    cls: type[StreamingSession], path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    memory: HybridMemory | None = None,
-) -> StreamingSession:  # fmt: skip
-    """Build a new session from ``path``; raises before anything is built if the file is bad."""
-    header, tensors = read_session_file(path, model)
-    counters, saved = header["counters"], header["session"]
-    device = model.device
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete temporary files left in ``folder`` by saves whose process died (for target ``name``, or all).
+
+    A temporary is stale when the process id in its name is no longer running (or is this process's
+    id from an earlier life, which cannot be told apart: only other pids are trusted to be alive).
+    Returns the files removed.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for candidate in folder.iterdir():
+        match = _TEMPORARY.match(candidate.name)
+        if not match or (name is not None and match["name"] != name) or _alive(int(match["pid"])):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # one of ours, possibly being written right now by another thread
     try:
-        cache_tensors = {k.removeprefix("cache."): v.to(device) for k, v in tensors.items() if k.startswith("cache.")}
-        cache = StreamingCache.from_state(model.config, cache_tensors, counters)
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise SessionFileError(f"{path} holds an inconsistent cache: {error}") from None
-    if memory is None and counters["segment_capacity"]:
-        from .memory import HybridMemory
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-        memory = HybridMemory(max_tokens=counters["segment_capacity"])
-    session = cls.__new__(cls)
-    cls.__init__(
-        session, model, tokenizer, None, start_size=counters["start_size"], recent_size=saved["window_capacity"],
-        pin_system_prompt=False, sampling=SamplingConfig(**saved["sampling"]), memory=memory,
-        prefill_chunk=saved["prefill_chunk"],
-    )  # fmt: skip
-    session.cache = cache
-    session.system_prompt = saved["system_prompt"]
-    session.turns, session.summary = saved["turns"], saved["summary"]
-    session.template.context = saved["template_context"]
-    session.window_ids.extend(tensors["session.window_ids"].tolist())
-    session.pending_ids = tensors["session.pending_ids"].tolist()
-    session.sampler.recent.extend(saved["recent_ids"])
-    if "session.rng_state" in tensors and session.sampler.generator is not None:
-        session.sampler.generator.set_state(tensors["session.rng_state"])
-    if "session.last_logits" in tensors:
-        session.last_logits = tensors["session.last_logits"].to(device)
-    return session
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _short(identity: object) -> str:
+    if not isinstance(identity, dict):
+        return repr(identity)
+    weights = str(identity.get("weights_sha256", "?"))[:12]
+    rest = {k: v for k, v in identity.items() if k != "weights_sha256"}
+    return f"{rest}, weights {weights}"

@@ -2,58 +2,157 @@
 
 Needs the optional dependencies ``fastapi`` and ``uvicorn`` (``pip install 'streaming-llm[server]'``).
 
-Thin by design: handlers parse and validate requests, then hand work to one worker thread, the only
-code that touches the model and the caches. ``/v1/chat/completions`` requests are matched to live
-sessions by a hash chain of their messages: a request that extends a conversation the server has
-already seen continues that session and feeds only the new message (history is never re-processed);
-anything else starts a new session. At most ``max_sessions`` are kept (least recently used first out),
-so memory is bounded by ``max_sessions`` fixed-size caches.
+Handlers parse and check requests (strict types, bounds, caps, unsupported fields named in a 400),
+then hand all model work to one :class:`~streaming_llm.engine.Engine`, which interleaves sessions one
+token at a time. Sessions:
+
+- A chat request names its session with the ``X-Session-Id`` header (or the ``user`` field). For a
+  known session it may send only its new messages, or the whole history (recognised by a hash chain;
+  only the new messages are fed). A history whose system message contradicts the session gets a 409.
+  Without an id, a request that extends a conversation the server has seen continues it (hash chain
+  of the messages); anything else starts a new session. The id is returned in ``X-Session-Id``.
+- With ``state_dir`` every completed (or cancelled) turn is saved atomically before the response
+  completes; sessions beyond ``max_sessions`` leave memory least recently used first and come back
+  from disk on demand; after a crash every session continues from its last saved turn.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(both with ``"stream": true`` as server-sent events).
+(``"stream": true`` for server-sent events), ``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``.
+Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import hashlib
+import contextlib
+import hmac
 import json
-import threading
+import logging
+import math
+import os
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .engine import Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
 from .generation import GenerationChunk, stream_generate
+from .persistence import SessionFileError
 from .sampling import SamplingConfig
-from .session import StreamingSession
+from .session import SessionBrokenError, StreamingSession
+from .store import Live, SessionStore, chain
 
+log = logging.getLogger(__name__)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: "stop"}
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+@dataclass(frozen=True)
+class Limits:
+    """Caps that keep one request from taking the server (each exceeded cap is a clear 4xx)."""
+
+    max_tokens: int = 4096  # largest max_tokens a request may ask for
+    max_body_bytes: int = 1 << 20  # request body
+    max_messages: int = 256  # messages in one request
+    max_prompt_tokens: int = 8192  # tokens of new text one request may feed
+    max_queue: int = 64  # requests running or waiting (more: 429)
+    request_timeout: float = 600.0  # seconds one request may run
+    max_session_id: int = 256  # characters
 
 
-class Sampling(BaseModel):
-    max_tokens: int | None = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+class RequestError(Exception):
+    """Bad input found while handling a request: becomes an OpenAI-style error with ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:  # fmt: skip
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+# -- request schemas ----------------------------------------------------------------------------------------
+def _text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (invalid Unicode); send valid UTF-8 text") from None
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+    _check = field_validator("text")(_text)
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value):
+        return _text(value) if isinstance(value, str) else value
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    @property
+    def kind(self) -> str:
+        return "system" if self.role == "developer" else self.role
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class Sampling(_Strict):
     model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 0.0
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    stop: (
+        Annotated[str, Field(min_length=1, max_length=256)]
+        | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)]
+        | None
+    ) = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop", "user")
+    @classmethod
+    def _strings(cls, value):
+        for item in [value] if isinstance(value, str) else value or []:
+            _text(item)
+        return value
 
     def config(self) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed)  # fmt: skip
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -64,130 +163,337 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str = Field(min_length=1)
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("only one prompt per request is supported (a string, or a list of one string)")
+            value = value[0]
+        if not value:
+            raise ValueError("the prompt is empty")
+        return _text(value)
 
 
-def _chain(digest: str, message: Message) -> str:
-    return hashlib.sha256(f"{digest}\x00{message.role}\x00{message.content}".encode()).hexdigest()
+# Fields OpenAI defines that this server does not implement: accepted only at their "off" value.
+UNSUPPORTED: dict[str, tuple[object, ...]] = {
+    "n": (1, None), "logprobs": (False, None), "top_logprobs": (None, 0), "tools": (None,), "tool_choice": (None,),
+    "functions": (None,), "function_call": (None,), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "parallel_tool_calls": (None,), "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None), "echo": (False, None), "best_of": (1, None), "suffix": (None, ""),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
+    "store": (False, None), "metadata": (None,), "service_tier": (None, "auto", "default"),
+}  # fmt: skip
+ALIASES = {"max_completion_tokens": "max_tokens"}
 
 
-class SessionPool:
-    """Live sessions keyed by the hash chain of the messages they have processed (LRU-bounded)."""
+def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
+    """Parse and check a JSON body; raise :class:`RequestError` (400) saying exactly what is wrong."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise RequestError(400, "The JSON body is nested too deeply.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise RequestError(400, f"The body is not valid JSON: {problem}.") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, "The body must be a JSON object.")
+    unsupported = [name for name, off in UNSUPPORTED.items() if name in data and data[name] not in off]
+    if unsupported:
+        raise RequestError(400, f"Unsupported field(s): {', '.join(unsupported)}. This server generates one text "
+                                "choice per request, without tools, logprobs or penalties other than "
+                                "repetition_penalty; leave these fields out.", param=unsupported[0])  # fmt: skip
+    data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
+    for alias, name in ALIASES.items():
+        if alias in data:
+            if name in data and data[name] != data[alias]:
+                raise RequestError(400, f"Give {name} or {alias}, not both.", param=alias)
+            data[name] = data.pop(alias)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as problem:
+        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in problem.errors())
+        first = ".".join(map(str, problem.errors()[0]["loc"])) if problem.errors() else None
+        raise RequestError(400, f"Invalid request: {details}.", param=first) from None
+    except RecursionError:
+        raise RequestError(400, "The JSON body is nested too deeply.") from None
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, start_size: int,
-                 recent_size: int, max_sessions: int):  # fmt: skip
-        self.model, self.tokenizer = model, tokenizer
-        self.start_size, self.recent_size, self.max_sessions = start_size, recent_size, max_sessions
-        self.sessions: OrderedDict[str, StreamingSession] = OrderedDict()
-        self.resumed = 0  # requests that continued a live session
 
-    def session_for(self, messages: list[Message]) -> tuple[StreamingSession, str]:
-        """The session that has seen ``messages[:-1]`` (resumed, or rebuilt), and their digest."""
+# -- the application ------------------------------------------------------------------------------------------
+class Server:
+    """What the handlers share: model, store, engine, limits and settings."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str, start_size: int,
+                 recent_size: int, max_sessions: int, state_dir: str | os.PathLike | None, limits: Limits,
+                 engine: Engine | None = None):  # fmt: skip
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.start_size, self.recent_size, self.limits = start_size, recent_size, limits
+        self.store = SessionStore(model, tokenizer, max_sessions, state_dir)
+        self.engine = engine or Engine(max_queue=limits.max_queue)
+        self.resumed = 0  # requests that continued a session already in memory or on disk
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_prompt(self, texts: list[str]) -> None:
+        total = sum(self.count(t) for t in texts)
+        if total > self.limits.max_prompt_tokens:
+            raise RequestError(400, f"The new text is {total} tokens; this server takes at most "
+                                    f"{self.limits.max_prompt_tokens} per request (--max-prompt-tokens). Send long "
+                                    "documents over several requests of one session.", param="messages")  # fmt: skip
+
+    # -- work run by the engine (worker thread) --------------------------------------------------------------
+    def anonymous_id(self, messages: list[Message]) -> str:
+        """The session a request without an id continues (by the digest of its history), or a new id."""
         digest = ""
         for message in messages[:-1]:
-            digest = _chain(digest, message)
-        if digest in self.sessions:
-            self.resumed += 1
-            return self.sessions.pop(digest), digest
-        system = messages[0].content if messages[0].role == "system" else None
-        session = StreamingSession(
-            self.model, self.tokenizer, system, start_size=self.start_size, recent_size=self.recent_size
-        )
-        for message in messages[1 if system is not None else 0 : -1]:
-            session.add_message(message.role, message.content)
-        return session, digest
+            digest = chain(digest, message.kind, message.text)
+        found = self.store.find_by_digest(digest) if len(messages) > 1 else None
+        return found or f"session-{uuid.uuid4().hex}"
 
-    def keep(self, session: StreamingSession, digest: str) -> None:
-        self.sessions[digest] = session
-        while len(self.sessions) > self.max_sessions:
-            self.sessions.popitem(last=False)
+    def chat_work(self, body: ChatRequest, session_id: str, explicit: bool) -> Iterator[object]:
+        messages = body.messages
+        live, created = self._resolve(messages, session_id)
+        session = live.session
+        self.resumed += not created
+        new = self._new_messages(live, messages)
+        self.check_prompt([m.text for m in new])
+        seen = 0 if created else session.cache.seen_tokens  # a new session's system prompt counts too
+        generated, text, stream, done, failed = 0, [], None, False, False
+        digest, count = live.digest, live.messages
+        try:
+            for message in new[:-1]:
+                session.add_message(message.kind, message.text)
+                digest, count = chain(digest, message.kind, message.text), count + 1
+            digest, count = chain(digest, "user", new[-1].text), count + 1
+            session.use_sampling(body.config())
+            stream = session.send(new[-1].text, body.max_tokens or min(256, self.limits.max_tokens), body.stops())
+            for piece in stream:
+                generated += piece.token_id is not None
+                text.append(piece.text)
+                yield piece
+            done = True
+        except GeneratorExit:  # cancelled: the turn is closed below and kept
+            raise
+        except BaseException:
+            failed = True
+            self.store.discard(live.id)  # the file (last completed turn) stays the truth
+            raise
+        finally:
+            if stream is not None:
+                stream.close()  # closes the turn consistently, as far as it got
+            if not failed and not session.broken and count > live.messages:
+                self.store.update_digest(live, chain(digest, "assistant", "".join(text)), count + 1)
+                self.store.put(live)
+                self.store.persist(live)
+        if done:
+            processed = session.cache.seen_tokens - seen
+            yield Done({"prompt_tokens": max(processed - generated, 0), "completion_tokens": generated}, live.id)
 
+    def _resolve(self, messages: list[Message], session_id: str) -> tuple[Live, bool]:
+        """The session (found, restored from disk, or new with the request's system prompt) and whether it is new."""
+        try:
+            live = self.store.get(session_id)
+        except SessionFileError as problem:
+            raise RequestError(
+                409,
+                f"The stored session {session_id!r} cannot be used: {problem} Delete it "
+                "(DELETE /v1/sessions/{id}) to start over.",
+                code="session_unreadable",
+            ) from None
+        if live is not None:
+            return live, False
+        system = messages[0] if messages[0].kind == "system" else None
+        session = StreamingSession(self.model, self.tokenizer, system.text if system else None,
+                                   start_size=self.start_size, recent_size=self.recent_size)  # fmt: skip
+        live = Live(session_id, session)
+        if system is not None:
+            live.digest, live.messages = chain("", "system", system.text), 1
+        return live, True
 
-class Engine:
-    """The single worker thread that owns the model, and what it runs."""
+    def _new_messages(self, live: Live, messages: list[Message]) -> list[Message]:
+        """Which of ``messages`` the session has not seen.
 
-    def __init__(self, pool: SessionPool, name: str):
-        self.pool, self.name = pool, name
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streaming-llm-worker")
+        A request that starts with a system message carries the whole history: it must extend what the
+        session has seen (409 otherwise). Otherwise, when its first messages are exactly the session's
+        history they are skipped; else all of them are new.
+        """
+        known = live.messages
+        if known == 0:
+            return messages
+        digest = ""
+        for message in messages[:known]:
+            digest = chain(digest, message.kind, message.text)
+        if len(messages) > known and digest == live.digest:
+            return messages[known:]  # the whole history was resent: feed only what is new
+        if messages[0].kind == "system":
+            raise RequestError(409, f"These messages contradict session {live.id!r} ({known} messages so far): send "
+                                    "only the new messages, or the exact history followed by new ones, or DELETE the "
+                                    "session to start over.", param="messages", code="history_mismatch")  # fmt: skip
+        return messages  # only new messages
 
-    def chat(self, request: ChatRequest) -> Iterator[GenerationChunk | dict]:
-        """Pieces of the reply, then a final usage dict; the session is kept for the next turn."""
-        last = request.messages[-1]
-        if last.role != "user":
-            raise ValueError("The last message must come from the user.")
-        session, digest = self.pool.session_for(request.messages)
-        session.use_sampling(request.config())
-        seen, text, piece = session.cache.seen_tokens, [], None
-        for piece in session.send(last.content, request.max_tokens, request.stops()):
-            text.append(piece.text)
-            yield piece
-        reply = Message(role="assistant", content="".join(text))
-        self.pool.keep(session, _chain(_chain(digest, last), reply))
-        completion = piece.generated if piece else 0
-        yield {"prompt_tokens": session.cache.seen_tokens - seen - completion, "completion_tokens": completion}
-
-    def complete(self, request: CompletionRequest) -> Iterator[GenerationChunk | dict]:
-        pool, piece = self.pool, None
-        prompt_tokens = len(pool.tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
+    def completion_work(self, body: CompletionRequest) -> Iterator[object]:
+        self.check_prompt([body.prompt])
+        prompt_tokens, generated = self.count(body.prompt), 0
         for piece in stream_generate(
-            pool.model, pool.tokenizer, request.prompt, start_size=pool.start_size, recent_size=pool.recent_size,
-            max_new_tokens=request.max_tokens, sampling=request.config(), stop=request.stops(),
+            self.model, self.tokenizer, body.prompt, start_size=self.start_size, recent_size=self.recent_size,
+            max_new_tokens=body.max_tokens or 16, sampling=body.config(), stop=body.stops(),
         ):  # fmt: skip
+            generated += piece.token_id is not None
             yield piece
-        yield {"prompt_tokens": prompt_tokens, "completion_tokens": piece.generated if piece else 0}
+        yield Done({"prompt_tokens": prompt_tokens, "completion_tokens": generated})
 
 
 def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str = "streaming-llm",
-               start_size: int = 4, recent_size: int = 2000, max_sessions: int = 8):  # fmt: skip
-    """The FastAPI application (``fastapi`` is an optional dependency: ``pip install 'streaming-llm[server]'``)."""
-    engine = Engine(SessionPool(model, tokenizer, start_size, recent_size, max_sessions), name)
-    app = FastAPI(title="streaming-llm", description=__doc__)
-    app.state.engine = engine
+               start_size: int = 4, recent_size: int = 2000, max_sessions: int = 8,
+               state_dir: str | os.PathLike | None = None, api_key: str | None = None,
+               allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
+               "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0) -> FastAPI:  # fmt: skip
+    """The FastAPI application.
 
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    Args:
+        model, tokenizer: What to serve (the model is switched to streaming attention).
+        name: Model name reported by ``/v1/models``.
+        start_size, recent_size: Cache sizes of every session.
+        max_sessions: Sessions kept in memory (more go to ``state_dir``, or are dropped without it).
+        state_dir: Folder for durable sessions (None: in memory only).
+        api_key: When set, every request but ``/health`` needs ``Authorization: Bearer <api_key>``.
+        allowed_origins: Browser origins allowed to call (``*`` for any); requests from other origins get 403.
+        allowed_hosts: Accepted ``Host`` header names (DNS-rebinding protection; ``*`` for any).
+        limits: Caps (:class:`Limits`).
+        shutdown_timeout: Seconds to finish or cancel in-flight work at shutdown.
+    """
+    limits = limits or Limits()
+    server = Server(model, tokenizer, name=name, start_size=start_size, recent_size=recent_size,
+                    max_sessions=max_sessions, state_dir=state_dir, limits=limits)  # fmt: skip
 
-    async def parse(request: Request, schema: type[BaseModel]):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, server.engine.shutdown, shutdown_timeout)
+        server.store.close()
+
+    app = FastAPI(title="streaming-llm", description=__doc__, lifespan=lifespan)
+    app.state.server = server
+    app.add_middleware(Guard, api_key=api_key, origins=tuple(allowed_origins), hosts=tuple(allowed_hosts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, problem: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(problem.status_code, "invalid_request_error")
+        message = {404: f"No such endpoint: {request.method} {request.url.path}.",
+                   405: f"Method {request.method} is not allowed on {request.url.path}."}.get(
+            problem.status_code, str(problem.detail))  # fmt: skip
+        return error_response(problem.status_code, message, kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, problem: RequestValidationError):
+        return error_response(400, f"Invalid request: {problem.errors()}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, problem: Exception):
+        log.exception("internal error")
+        return error_response(500, f"Internal server error ({type(problem).__name__}).", "server_error")
+
+    async def read_body(request: Request, schema: type[BaseModel]):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise RequestError(415, f"Send the body as JSON with 'Content-Type: application/json' (got {kind!r}).")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise RequestError(413, f"The body is {declared} bytes; the limit is {limits.max_body_bytes}.")
+        raw = bytearray()
+        async for block in request.stream():
+            raw += block
+            if len(raw) > limits.max_body_bytes:
+                raise RequestError(413, f"The body is over the limit of {limits.max_body_bytes} bytes.")
+        return parse_body(bytes(raw), schema)
+
+    def check_common(body: Sampling) -> None:
+        if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
+            raise RequestError(400, f"max_tokens={body.max_tokens} is over this server's cap of {limits.max_tokens} "
+                                    "(--max-tokens-cap).", param="max_tokens")  # fmt: skip
+
+    async def submit(session_id: str | None, work) -> JSONResponse | object:
+        deadline = time.monotonic() + limits.request_timeout
         try:
-            return schema.model_validate(await request.json())
-        except json.JSONDecodeError as problem:
-            raise ValueError(f"The body is not valid JSON: {problem.msg}.") from None
-        except ValidationError as problem:
-            details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in problem.errors())
-            raise ValueError(f"Invalid request: {details}.") from None
+            ticket = server.engine.submit(Job(session_id, work, deadline))
+        except QueueFull as problem:
+            return error_response(429, str(problem), "rate_limit_error", code="queue_full")
+        except EngineStopped as problem:
+            return error_response(503, str(problem), "server_error", code="shutting_down")
+        return ticket
 
     async def respond(request: Request, schema: type[BaseModel], kind: str):
         try:
-            body = await parse(request, schema)
-        except ValueError as problem:
-            return error(400, str(problem))
-        run = engine.chat if kind == "chat" else engine.complete
+            body = await read_body(request, schema)
+            check_common(body)
+            if kind == "chat":
+                if body.messages[-1].kind != "user":
+                    raise RequestError(400, "The last message must come from the user.", param="messages")
+                if len(body.messages) > limits.max_messages:
+                    raise RequestError(400, f"{len(body.messages)} messages is over the limit of "
+                                            f"{limits.max_messages} (--max-messages); with X-Session-Id send only "
+                                            "the new ones.", param="messages")  # fmt: skip
+                session_id = request.headers.get("x-session-id") or body.user
+                if session_id is not None and not 0 < len(session_id) <= limits.max_session_id:
+                    raise RequestError(400, f"A session id must have 1 to {limits.max_session_id} characters.",
+                                       param="X-Session-Id")  # fmt: skip
+                explicit = session_id is not None
+                lane = session_id if explicit else server.anonymous_id(body.messages)
+                work = lambda: server.chat_work(body, lane, explicit)  # noqa: E731
+            else:
+                work, lane = (lambda: server.completion_work(body)), None
+        except RequestError as problem:
+            return failure(problem)
+        ticket = await submit(lane, work)
+        if isinstance(ticket, JSONResponse):
+            return ticket
         ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        if body.stream:
-            events = _events(engine, run, body, ident, created, kind)
-            return StreamingResponse(events, media_type="text/event-stream")
+        events = ticket.events()
+        watcher = asyncio.create_task(_watch_disconnect(request, ticket))
         try:
-            pieces = await asyncio.get_running_loop().run_in_executor(engine.executor, lambda: list(run(body)))
-        except ValueError as problem:
-            return error(400, str(problem))
-        usage, pieces = pieces[-1], pieces[:-1]
+            first = await anext(events)
+        except BaseException:
+            ticket.cancel("client disconnected")
+            watcher.cancel()
+            raise
+        if isinstance(first, BaseException):
+            watcher.cancel()
+            return failure(first)
+        if body.stream:
+            watcher.cancel()
+            stream = _sse(server, ticket, events, first, body, ident, created, kind)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        try:
+            pieces, final = [first] if isinstance(first, GenerationChunk) else [], first
+            while not isinstance(final, Done | BaseException):
+                final = await anext(events)
+                if isinstance(final, GenerationChunk):
+                    pieces.append(final)
+        finally:
+            ticket.cancel("client disconnected")  # no-op once finished
+            watcher.cancel()
+        if isinstance(final, BaseException):
+            return failure(final)
         text = "".join(p.text for p in pieces)
-        finish = FINISH[pieces[-1].finish_reason if pieces else None]
-        choice = {"index": 0, "finish_reason": finish}
+        choice = {"index": 0, "finish_reason": FINISH[pieces[-1].finish_reason if pieces else None], "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
-        return {
+        usage = {**final.usage, "total_tokens": final.usage["prompt_tokens"] + final.usage["completion_tokens"]}
+        headers = {"X-Session-Id": final.session_id} if final.session_id else None
+        return JSONResponse({
             "id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-            "model": engine.name, "choices": [choice],
-            "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
-        }  # fmt: skip
+            "model": server.name, "choices": [choice], "usage": usage,
+        }, headers=headers)  # fmt: skip
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "sessions": len(engine.pool.sessions), "resumed": engine.pool.resumed}
+        return {"status": "ok", "sessions_in_memory": len(server.store.live), "load": server.engine.load,
+                "resumed": server.resumed}  # fmt: skip
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "local"}]}
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "local"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -197,46 +503,227 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
     async def completions(request: Request):
         return await respond(request, CompletionRequest, "completion")
 
+    @app.get("/v1/sessions")
+    def list_sessions():
+        return {"object": "list", "data": [d for i in server.store.ids() if (d := server.store.describe(i))]}
+
+    @app.get("/v1/sessions/{session_id}")
+    def get_session(session_id: str):
+        described = server.store.describe(session_id)
+        if described is None:
+            return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
+        return described
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(request: Request, session_id: str):
+        found: list[bool] = []
+
+        def work():
+            found.append(server.store.delete(session_id))
+            yield Done({}, session_id)
+
+        ticket = await submit(session_id, work)
+        if isinstance(ticket, JSONResponse):
+            return ticket
+        async for item in ticket.events():
+            if isinstance(item, BaseException):
+                return failure(item)
+        if not found[0]:
+            return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
     return app
 
 
-async def _events(engine: Engine, run, body, ident: str, created: int, kind: str):
-    """Server-sent events: pieces as the worker thread produces them, then ``[DONE]``."""
-    loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-    end = object()
+def failure(item: BaseException) -> JSONResponse:
+    if isinstance(item, RequestError):
+        return error_response(item.status, item.message, item.kind, item.param, item.code)
+    if isinstance(item, JobTimeout):
+        return error_response(504, str(item), "timeout_error", code="timeout")
+    if isinstance(item, JobCancelled):
+        return error_response(503, str(item), "server_error", code="cancelled")
+    if isinstance(item, ValueError):
+        return error_response(400, str(item))
+    if isinstance(item, SessionBrokenError):
+        return error_response(500, str(item), "server_error")
+    log.error("request failed", exc_info=item)
+    return error_response(500, f"Generation failed ({type(item).__name__}: {item}).", "server_error")
 
-    def work():
-        try:
-            for piece in run(body):
-                if cancelled.is_set():  # the client went away: stop between tokens
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, piece)
-        except ValueError as problem:
-            loop.call_soon_threadsafe(queue.put_nowait, {"error": str(problem)})
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, end)
 
-    def event(delta: dict, finish: str | None = None) -> str:
-        choice = {"index": 0, "finish_reason": finish}
-        choice.update({"delta": delta} if kind == "chat" else {"text": delta.get("content", "")})
+async def _watch_disconnect(request: Request, ticket) -> None:
+    """Cancel the ticket as soon as the client goes away (checked every 50 ms)."""
+    with contextlib.suppress(asyncio.CancelledError):
+        while not ticket.finished.is_set():
+            if await request.is_disconnected():
+                ticket.cancel("client disconnected")
+                return
+            await asyncio.sleep(0.05)
+
+
+async def _sse(server: Server, ticket, events, first, body: Sampling, ident: str, created: int, kind: str):
+    """Server-sent events from the engine's events; the job is cancelled if the client goes away."""
+
+    def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        choices = []
+        if delta is not None:
+            choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+            choice.update({"delta": delta} if kind == "chat" else {"text": delta.get("content", "")})
+            choices.append(choice)
         chunk = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                 "created": created, "model": engine.name, "choices": [choice]}  # fmt: skip
+                 "created": created, "model": server.name, "choices": choices}  # fmt: skip
+        if usage is not None:
+            chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
 
-    future = loop.run_in_executor(engine.executor, work)
     try:
         if kind == "chat":
-            yield event({"role": "assistant"})
-        while (item := await queue.get()) is not end:
-            if isinstance(item, dict):
-                if "error" in item:
-                    yield f"data: {json.dumps({'error': {'message': item['error']}})}\n\n"
-                continue
+            yield event({"role": "assistant", "content": ""})
+        item = first
+        while True:
+            if isinstance(item, BaseException):
+                problem = json.loads(failure(item).body)["error"]
+                yield f"data: {json.dumps({'error': problem})}\n\n"
+                return
+            if isinstance(item, Done):
+                if body.stream_options and body.stream_options.include_usage:
+                    usage = {**item.usage, "total_tokens": sum(item.usage.values())}
+                    yield event(None, usage=usage)
+                yield "data: [DONE]\n\n"
+                return
             if item.text:
                 yield event({"content": item.text})
             if item.finish_reason:
                 yield event({}, FINISH[item.finish_reason])
-        yield "data: [DONE]\n\n"
+            item = await anext(events)
     finally:
-        cancelled.set()
-        await future
+        ticket.cancel("client disconnected")  # no-op once finished
+
+
+class Guard:
+    """Pure-ASGI checks before any handler: Host (DNS rebinding), Origin (browsers), API key."""
+
+    def __init__(self, app, api_key: str | None, origins: tuple[str, ...], hosts: tuple[str, ...]):
+        self.app, self.api_key, self.origins, self.hosts = app, api_key, origins, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = self.check(scope, headers)
+        if problem is not None:
+            return await problem(scope, receive, send)
+        origin = headers.get("origin")
+        if origin and scope["method"] == "OPTIONS":  # CORS preflight from an allowed origin
+            response = JSONResponse({}, headers=self._cors(origin))
+            return await response(scope, receive, send)
+        if origin:
+
+            async def send_with_cors(message):
+                if message["type"] == "http.response.start":
+                    message.setdefault("headers", [])
+                    message["headers"] += [(k.encode(), v.encode()) for k, v in self._cors(origin).items()]
+                await send(message)
+
+            return await self.app(scope, receive, send_with_cors)
+        return await self.app(scope, receive, send)
+
+    def _cors(self, origin: str) -> dict[str, str]:
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Allow-Headers": "authorization, content-type, x-session-id",
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Expose-Headers": "x-session-id"}  # fmt: skip
+
+    def check(self, scope, headers: dict[str, str]) -> JSONResponse | None:
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]").lower()
+        if "*" not in self.hosts and name not in {h.strip("[]").lower() for h in self.hosts}:
+            return error_response(421 if host else 400, f"Host {host!r} is not served here (DNS-rebinding protection); "
+                                  "start the server with --allowed-hosts to accept it.", "invalid_request_error",
+                                  code="host_not_allowed")  # fmt: skip
+        origin = headers.get("origin")
+        if origin and "*" not in self.origins and origin not in self.origins:
+            return error_response(403, f"Requests from the browser origin {origin!r} are refused; start the server "
+                                  "with --allowed-origins to allow it.", "permission_error",
+                                  code="origin_not_allowed")  # fmt: skip
+        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return error_response(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                                      "authentication_error", code="invalid_api_key")  # fmt: skip
+        return None
+
+
+# -- command line -----------------------------------------------------------------------------------------------
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` flags (besides the model and cache flags)."""
+    d = Limits()
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--name", default="streaming-llm", help="model name reported by /v1/models")
+    group.add_argument("--max-sessions", type=_positive, default=8, help="sessions kept in memory (default 8)")
+    group.add_argument("--state-dir", default=None, help="folder for durable sessions: every turn saved, "
+                       "sessions beyond --max-sessions spill to disk, all survive restarts")  # fmt: skip
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("STREAMING_LLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $STREAMING_LLM_API_KEY, else none)",
+    )
+    group.add_argument("--allowed-origins", default="", help="comma-separated browser origins allowed (default none)")
+    group.add_argument("--allowed-hosts", default="", help="extra Host names accepted, comma-separated ('*': any)")
+    group.add_argument("--max-tokens-cap", type=_positive, default=d.max_tokens, help=f"default {d.max_tokens}")
+    group.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes, help=f"default {d.max_body_bytes}")
+    group.add_argument("--max-messages", type=_positive, default=d.max_messages, help=f"default {d.max_messages}")
+    group.add_argument(
+        "--max-prompt-tokens",
+        type=_positive,
+        default=d.max_prompt_tokens,
+        help=f"new tokens one request may feed (default {d.max_prompt_tokens})",
+    )
+    group.add_argument(
+        "--max-queue",
+        type=_positive,
+        default=d.max_queue,
+        help=f"requests running or waiting before 429 (default {d.max_queue})",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help=f"seconds per request (default {d.request_timeout:g})",
+    )
+    group.add_argument("--shutdown-timeout", type=float, default=5.0, help="seconds to wind down on SIGTERM")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Run the server with the ``serve`` flags until SIGINT/SIGTERM."""
+    import uvicorn
+
+    if not math.isfinite(args.request_timeout) or args.request_timeout <= 0:
+        raise SystemExit("error: --request-timeout must be a positive number of seconds")
+    hosts = {"127.0.0.1", "localhost", "::1", args.host}
+    hosts.update(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+    if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
+        logging.getLogger(__name__).warning("bound to all addresses: only loopback Host names are accepted "
+                                            "unless --allowed-hosts names the others")  # fmt: skip
+    limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
+                    max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
+                    request_timeout=args.request_timeout)  # fmt: skip
+    app = create_app(
+        model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
+        max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+        allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout,
+    )  # fmt: skip
+    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
+                            log_level="warning")  # fmt: skip
+    print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    uvicorn.Server(config).run()

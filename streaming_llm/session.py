@@ -23,9 +23,14 @@ from .architectures import describe
 from .attention import install
 from .cache import StreamingCache
 from .chat_template import IncrementalChatTemplate
-from .generation import PREFILL_CHUNK, GenerationChunk, _stream, eos_ids, prefill
+from .generation import PREFILL_CHUNK, GenerationChunk, _stream, check_max_new_tokens, prefill
 from .memory import HybridMemory
+from .persistence import SessionFileError, read_session_file, write_session_file
 from .sampling import Sampler, SamplingConfig
+
+
+class SessionBrokenError(RuntimeError):
+    """The session cannot continue: generation failed inside a forward, so its cache may be half-updated."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,20 @@ class StreamingSession:
         sampling: How replies are sampled (greedy by default).
         memory: Optional :class:`HybridMemory`: summarise evicted text into a pinned slot.
         prefill_chunk: Tokens per forward when feeding prompts and documents.
+
+    Turn boundaries: after every turn the tokens the model has seen are the chat template's rendering
+    of the conversation (as returned to the caller), however the reply ended: end-of-turn token,
+    ``max_new_tokens``, a stop string, or the caller closing the stream early (Ctrl-C, a client that
+    disconnects). One exception, inherent to a cache that cannot take tokens back: when a stop string
+    spans several tokens, the tokens before the one that completes it were already fed, so the context
+    keeps that start of the stop string (the session then records the reply as the model saw it). An
+    exception inside a forward leaves the cache half-updated: the session raises
+    :class:`SessionBrokenError` from then on (restore it from a saved state).
+
+    Memory: the cache is fixed; the session itself holds O(1) more: the sink ids (``start_size``), the
+    template's last few messages, the sampler's bounded history and, with hybrid memory only, the ids
+    in the window (``recent_size``) and at most ``memory.update_every`` evicted ids awaiting a summary.
+    Nothing grows with the length of the conversation.
     """
 
     def __init__(
@@ -90,6 +109,8 @@ class StreamingSession:
         memory: HybridMemory | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
     ):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         install(model)
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt = system_prompt
@@ -100,6 +121,7 @@ class StreamingSession:
         self.sampler = Sampler(self.sampling, device=model.device)
         self.turns = 0
         self.last_logits: torch.Tensor | None = None
+        self.broken: str | None = None
         opening = self._tokens(self.template.add("system", system_prompt)) if system_prompt else []
         pinned = max(start_size, len(opening)) if pin_system_prompt else start_size
         capacity = memory.max_tokens if memory else 0
@@ -109,8 +131,9 @@ class StreamingSession:
                 "pinned slot for a summary); use plain streaming with this model."
             )
         self.cache = StreamingCache(model.config, pinned, recent_size, segment_capacity=capacity)
-        # Token ids currently in the window, and those evicted but not yet summarised (hybrid memory).
-        self.window_ids: deque[int] = deque(maxlen=recent_size)
+        self.sink_ids: list[int] = []  # the pinned tokens' ids (hybrid memory re-encodes them)
+        # With hybrid memory only: ids in the window, and those evicted but not yet summarised.
+        self.window_ids: deque[int] = deque(maxlen=recent_size if memory else 0)
         self.pending_ids: list[int] = []
         self.summary = ""
         if opening:
@@ -118,26 +141,41 @@ class StreamingSession:
 
     # -- feeding ----------------------------------------------------------------------------------
     def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise SessionBrokenError(
+                f"This session cannot continue: {self.broken}. Its cache may be half-updated; restore it from a "
+                "saved state (StreamingSession.load) or start a new session."
+            )
 
     def feed(self, ids: list[int]) -> torch.Tensor:
-        """Feed token ids into the cache (never re-processed); return the next-token logits."""
+        """Feed token ids into the cache (never re-processed); return the next-token logits (vocab,)."""
+        self._check_usable()
         for chunk_start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[chunk_start : chunk_start + self.prefill_chunk]
-            self.last_logits = prefill(self.model, self.cache, chunk, self.prefill_chunk)
+            try:
+                self.last_logits = prefill(self.model, self.cache, chunk, self.prefill_chunk)
+            except BaseException as error:
+                self.broken = f"a forward failed while feeding tokens ({type(error).__name__}: {error})"
+                raise
             self._track(chunk)
         return self.last_logits
 
     def _track(self, ids: list[int]) -> None:
-        """Follow which ids are in the window, so evicted text can be summarised."""
+        """Keep the sink ids, and (hybrid memory) follow which ids leave the window to be summarised."""
         seen_before = self.cache.seen_tokens - len(ids)
         skip = max(0, self.cache.start_size - seen_before)  # pinned tokens never enter the window
+        self.sink_ids.extend(ids[:skip])
+        if not self.memory:
+            return
         for token in ids[skip:]:
             if len(self.window_ids) == self.window_ids.maxlen:
                 self.pending_ids.append(self.window_ids[0])
             self.window_ids.append(token)
-        if self.memory and len(self.pending_ids) >= self.memory.update_every:
-            self.update_summary()
+            if len(self.pending_ids) >= self.memory.update_every:
+                self.update_summary()
 
     def update_summary(self) -> None:
         """Fold the evicted-but-unsummarised text into the pinned summary (hybrid memory)."""
@@ -145,32 +183,64 @@ class StreamingSession:
             return
         evicted = self.tokenizer.decode(self.pending_ids, skip_special_tokens=True)
         self.pending_ids = []
-        self.summary = self.memory.summarize(self, self.summary, evicted)
-        self.memory.install(self.model, self.tokenizer, self.cache, self.summary)
+        self.summary = self.memory.summarize(self.model, self.tokenizer, self.summary, evicted)
+        self.memory.install(self.model, self.tokenizer, self.cache, self.sink_ids, self.summary)
 
     # -- conversation ---------------------------------------------------------------------------------
     def send(
-        self, message: str, max_new_tokens: int | None = 512, stop: tuple[str, ...] = ()
+        self, message: str, max_new_tokens: int | None = 512, stop: tuple[str, ...] | list[str] = ()
     ) -> Iterator[GenerationChunk]:
-        """Add a user message and stream the reply; the turn is closed when the stream ends."""
+        """Add a user message and stream the reply; the turn is closed when the stream ends or is closed.
+
+        Args:
+            message: The user's text (may be empty: the template still marks the turn).
+            max_new_tokens: Longest reply (int >= 1), or None for no limit.
+            stop: Strings that end the reply (not included in it).
+
+        Raises:
+            ValueError: at once (before anything is fed) for a bad ``max_new_tokens``, ``stop`` or message.
+            SessionBrokenError: the session failed earlier inside a forward.
+        """
+        check_max_new_tokens(max_new_tokens)
+        if not isinstance(message, str):
+            raise ValueError(f"The message must be a string, got {type(message).__name__}.")
+        stop = tuple(stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"Stop strings must be non-empty strings, got {stop!r}.")
+        self._check_usable()
+        return self._reply(message, max_new_tokens, stop)
+
+    def _reply(self, message: str, max_new_tokens: int | None, stop: tuple[str, ...]) -> Iterator[GenerationChunk]:
+        # Nothing happens until the first piece is asked for (a stream never iterated changes nothing).
         logits = self.feed(self._tokens(self.template.add("user", message, generation_prompt=True)))
+        first = self.cache.seen_tokens
         generated: list[int] = []
         text: list[str] = []
         stream = _stream(self.model, self.tokenizer, self.cache, logits, self.sampler, max_new_tokens, stop)
         try:
-            for piece in stream:
+            while True:
+                try:
+                    piece = next(stream)
+                except StopIteration:
+                    break
+                except BaseException as error:
+                    self.broken = f"generation failed ({type(error).__name__}: {error})"
+                    raise
                 if piece.token_id is not None:
                     generated.append(piece.token_id)
-                    if len(generated) > 1:
-                        self._track(generated[-2:-1])  # the previous token was fed to produce this one
                 text.append(piece.text)
                 yield piece
         finally:
             stream.close()
-            self._close_turn(generated, "".join(text))
+            if not self.broken:
+                # Tokens fed while generating: every sampled one but the last (an end-of-turn token is
+                # never fed; the template's closing text renders it).
+                self._close_turn(generated[: self.cache.seen_tokens - first], generated, "".join(text))
 
     def add_message(self, role: str, content: str) -> None:
         """Feed a whole message without generating (e.g. earlier turns of a conversation being resumed)."""
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"role must be 'system', 'user' or 'assistant', got {role!r}")
         self.feed(self._tokens(self.template.add(role, content)))
         self.turns += role == "user"
 
@@ -180,15 +250,25 @@ class StreamingSession:
         self.sampling, self.sampler = sampling, Sampler(sampling, device=self.model.device)
         self.sampler.observe(recent)
 
-    def chat(self, message: str, max_new_tokens: int | None = 512, stop: tuple[str, ...] = ()) -> str:
-        """Add a user message and return the whole reply."""
+    def chat(self, message: str, max_new_tokens: int | None = 512, stop: tuple[str, ...] | list[str] = ()) -> str:
+        """Add a user message and return the whole reply (``max_new_tokens`` as in :meth:`send`)."""
         return "".join(piece.text for piece in self.send(message, max_new_tokens, stop))
 
-    def _close_turn(self, generated: list[int], reply: str) -> None:
-        # Every generated token but the last was fed while generating; feed the last (unless it is an
-        # end-of-turn token, which the template adds back), then the template's closing text.
-        last = [generated[-1]] if generated and generated[-1] not in eos_ids(self.model, self.tokenizer) else []
-        self.feed(last + self._tokens(self.template.assistant_tail(reply)))
+    def _close_turn(self, fed: list[int], generated: list[int], reply: str) -> None:
+        """Make the context equal the template's rendering of ``reply``, then close the assistant turn."""
+        self._track(fed)
+        decode = self.tokenizer.decode
+        fed_text = decode(fed, skip_special_tokens=True) if fed else ""
+        unfed = generated[len(fed) :]
+        if reply.startswith(fed_text):
+            # The sampled token itself when the reply is all of it (cut by max_new_tokens, stream closed);
+            # else the missing text (e.g. what came before a stop string inside the last token).
+            exact = unfed and decode(generated, skip_special_tokens=True) == reply
+            extra = unfed if exact else self._tokens(reply[len(fed_text) :])
+            content = reply
+        else:  # a stop string spanning tokens: its start was fed and cannot be taken back
+            extra, content = [], fed_text
+        self.feed(extra + self._tokens(self.template.assistant_tail(content)))
         self.turns += 1
 
     def ingest(self, source: str | os.PathLike, chunk_size: int = PREFILL_CHUNK, progress: bool = True) -> IngestStats:
@@ -199,6 +279,8 @@ class StreamingSession:
         """
         import time
 
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         before, after = self.template.split("user")
         began, fed = time.perf_counter(), 0
         previous_chunk, self.prefill_chunk = self.prefill_chunk, chunk_size
@@ -227,20 +309,101 @@ class StreamingSession:
     def stats_dict(self) -> dict[str, int]:
         return asdict(self.stats())
 
+    # -- state ---------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything needed to continue this session exactly: ``(tensors, state)``.
+
+        ``tensors`` maps names to tensors (the cache's, the tracked ids, the last logits, the RNG
+        state); ``state`` is JSON-serialisable (counters, template context, summary, sampling). Its
+        size does not grow with the conversation. Rebuild with :meth:`from_state`.
+        """
+        self._check_usable()
+        cache_tensors, counters = self.cache.state()
+        tensors = {f"cache.{k}": v for k, v in cache_tensors.items()}
+        tensors["session.sink_ids"] = torch.tensor(self.sink_ids, dtype=torch.int64)
+        if self.memory:
+            tensors["session.window_ids"] = torch.tensor(list(self.window_ids), dtype=torch.int64)
+            tensors["session.pending_ids"] = torch.tensor(self.pending_ids, dtype=torch.int64)
+        if self.last_logits is not None:
+            tensors["session.last_logits"] = self.last_logits
+        if self.sampler.generator is not None:
+            tensors["session.rng_state"] = self.sampler.generator.get_state()
+        memory = None
+        if self.memory:
+            memory = {"max_tokens": self.memory.max_tokens, "update_every": self.memory.update_every,
+                      "frame": self.memory.frame}  # fmt: skip
+        state = {
+            "cache": counters, "system_prompt": self.system_prompt, "turns": self.turns, "summary": self.summary,
+            "template_context": self.template.context, "sampling": asdict(self.sampling),
+            "recent_ids": list(self.sampler.recent), "prefill_chunk": self.prefill_chunk, "memory": memory,
+        }  # fmt: skip
+        return tensors, state
+
+    @classmethod
+    def from_state(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tensors: dict[str, torch.Tensor],
+                   state: dict, memory: HybridMemory | None = None) -> StreamingSession:  # fmt: skip
+        """Rebuild a session from :meth:`state`'s output (tensors on any device).
+
+        ``memory`` supplies the summariser for a session saved with hybrid memory (its sizes come from
+        the state); without it the model summarises itself. Raises ``KeyError``/``TypeError``/``ValueError``
+        for inconsistent input (:meth:`load` turns them into :class:`SessionFileError`).
+        """
+        counters = state["cache"]
+        saved_memory = state["memory"]
+        if saved_memory is not None:
+            summarizer = memory.summarizer if memory is not None else None
+            memory = HybridMemory(summarizer, **saved_memory)
+        elif memory is not None:
+            raise ValueError("This session was saved without hybrid memory; load it without `memory`.")
+        session = cls(
+            model, tokenizer, None, start_size=counters["start_size"], recent_size=counters["recent_size"],
+            pin_system_prompt=False, sampling=SamplingConfig(**state["sampling"]), memory=memory,
+            prefill_chunk=state["prefill_chunk"],
+        )  # fmt: skip
+        device = model.device
+        cache_tensors = {k.removeprefix("cache."): v.to(device) for k, v in tensors.items() if k.startswith("cache.")}
+        session.cache = StreamingCache.from_state(model.config, cache_tensors, counters)
+        if session.cache.segment_capacity != (memory.max_tokens if memory else 0):
+            raise ValueError("The cache's summary slot does not match the session's hybrid-memory settings.")
+        session.system_prompt = state["system_prompt"]
+        session.turns, session.summary = int(state["turns"]), str(state["summary"])
+        context = state["template_context"]
+        if not all(isinstance(m, dict) and set(m) == {"role", "content"} for m in context):
+            raise ValueError("The template context is not a list of messages.")
+        session.template.context = list(context)
+        session.sink_ids = tensors["session.sink_ids"].tolist()
+        if len(session.sink_ids) != min(session.cache.start_size, session.cache.seen_tokens):
+            raise ValueError("The saved sink ids do not match the cache's sinks.")
+        if memory:
+            session.window_ids.extend(tensors["session.window_ids"].tolist())
+            session.pending_ids = tensors["session.pending_ids"].tolist()
+        session.sampler.observe([int(t) for t in state["recent_ids"]])
+        if "session.rng_state" in tensors and session.sampler.generator is not None:
+            session.sampler.generator.set_state(tensors["session.rng_state"].cpu())
+        if "session.last_logits" in tensors:
+            session.last_logits = tensors["session.last_logits"].to(device)
+        return session
+
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the whole session to ``path`` (safetensors), atomically."""
-        from .persistence import save_session
-
-        return save_session(self, Path(path))
+        """Write the whole session to ``path`` (safetensors), atomically; returns ``path``."""
+        tensors, state = self.state()
+        return write_session_file(path, tensors, state, self.model)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
              memory: HybridMemory | None = None) -> StreamingSession:  # fmt: skip
-        """Restore a session saved with :meth:`save` (raises :class:`SessionFileError` on bad files)."""
-        from .persistence import load_session
+        """Restore a session saved with :meth:`save`.
 
-        return load_session(cls, Path(path), model, tokenizer, memory)
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            SessionFileError: whatever else is wrong with the file (corrupt, edited, foreign, other model).
+        """
+        state, tensors = read_session_file(path, model)
+        try:
+            return cls.from_state(model, tokenizer, tensors, state, memory)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+            raise SessionFileError(f"{path} holds an inconsistent session ({type(error).__name__}: {error}).") from None
 
 
 def _text_blocks(source: str | os.PathLike, block_chars: int = 1 << 16) -> Iterator[str]:

@@ -185,7 +185,7 @@ def test_a_summary_segment_equals_pinning_those_tokens(model, tokenizer):
     with torch.no_grad():
         main = StreamingCache(model.config, start, recent, segment_capacity=16)
         model(input_ids=ids[:, :start], **cache_kwargs(model, main))
-        keys, values = encode_segment(model, main, summary[0].tolist())
+        keys, values = encode_segment(model, ids[0, :start].tolist(), summary[0].tolist())
         main.set_segment(keys, values)
         got = model(input_ids=ids[:, start:], **cache_kwargs(model, main)).logits
         plain = StreamingCache(model.config, start + 10, recent)

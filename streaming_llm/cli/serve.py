@@ -15,24 +15,21 @@ def add_parser(subparsers) -> None:
         "feed only their new message (history is never re-processed); memory is bounded by --max-sessions "
         "fixed-size caches. Needs: pip install 'streaming-llm[server]'.",
     )  # fmt: skip
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-sessions", type=int, default=8, help="live conversations kept (default 8)")
-    serve.add_argument("--name", default="streaming-llm", help="model name reported by /v1/models")
+    from ..server import add_server_flags
+
+    add_server_flags(serve)
     add_model_flags(serve)
     serve.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
         print("error: the server needs FastAPI and uvicorn: pip install 'streaming-llm[server]'", file=sys.stderr)
         return 2
-    from ..server import create_app
+    from ..server import serve
 
     model, tokenizer = load(args)
-    app = create_app(model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
-                     max_sessions=args.max_sessions)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port)
+    serve(args, model, tokenizer)
     return 0

@@ -1,0 +1,222 @@
+"""The one object through which the server does model work: jobs in, token events out.
+
+Contract (what any engine must honour, e.g. a continuous-batching scheduler that decodes many sessions
+in one forward; this one runs everything on a single worker thread):
+
+- ``submit(job) -> Ticket`` never blocks. It raises :class:`QueueFull` when ``max_queue`` jobs are
+  already running or waiting (the server answers 429), and :class:`EngineStopped` after shutdown.
+- A :class:`Job` names a ``session_id`` (None for stateless text completions) and a ``work`` factory:
+  ``work()`` returns an iterator whose every ``next()`` is one small step of model work (feeding a
+  prompt, or exactly one sampled token) and which yields the events below. A batching scheduler would
+  take the same job description (session, new messages, sampling, limits) and step many sessions per
+  forward instead of calling ``next()`` on one iterator at a time.
+- ``Ticket.events()`` is an async iterator of the events a job yields, in order:
+  :class:`~streaming_llm.generation.GenerationChunk` pieces, then exactly one final item: a
+  :class:`Done` (usage) or an exception (:class:`JobCancelled`, :class:`JobTimeout`, or whatever the
+  work raised, e.g. ``ValueError`` for bad input found late).
+- Jobs for the same ``session_id`` run one after another in submission order; jobs for different
+  sessions interleave one step at a time (round robin), so no request holds the model for longer than
+  one step while others wait.
+- ``Ticket.cancel()`` (client gone) and the job's ``deadline`` (per-request timeout) stop the job
+  before its next step: its iterator is closed, which closes the session's turn consistently (and the
+  work persists it), then the final event is :class:`JobCancelled` / :class:`JobTimeout`.
+- ``shutdown(timeout)`` refuses new jobs, cancels running and waiting ones (each still closes and
+  persists its turn), and joins the worker within ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Too many jobs are running or waiting; try again later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no more jobs."""
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled (client disconnected, or the server is shutting down)."""
+
+
+class JobTimeout(TimeoutError):
+    """The job ran past its deadline."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """The last event of a successful job."""
+
+    usage: dict[str, int]
+    session_id: str | None = None
+
+
+@dataclass
+class Job:
+    """A unit of model work: ``work()`` yields events, one small step per ``next()``."""
+
+    session_id: str | None
+    work: Callable[[], Iterator[object]]
+    deadline: float | None = None  # time.monotonic() by which the job must end
+
+
+@dataclass(eq=False)
+class Ticket:
+    """The handle of a submitted job: read its events, or cancel it."""
+
+    job: Job
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    reason: str = "cancelled"
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the job before its next step (idempotent, from any thread)."""
+        if not self.cancelled.is_set():
+            self.reason = reason
+            self.cancelled.set()
+
+    def _put(self, item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed event loop (server gone): nobody is listening
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def events(self) -> AsyncIterator[object]:
+        """The job's events; the last one is a :class:`Done` or an exception instance."""
+        while True:
+            item = await self.queue.get()
+            yield item
+            if isinstance(item, Done | BaseException):
+                return
+
+
+class Engine:
+    """Single-worker engine: serialises model calls, interleaving sessions token by token.
+
+    Args:
+        max_queue: Most jobs running or waiting at once; more raise :class:`QueueFull`.
+    """
+
+    def __init__(self, max_queue: int = 64):
+        self.max_queue = max_queue
+        self._inbox: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._count = 0  # tickets submitted and not finished
+        self._stopping = False
+        self._all: set[Ticket] = set()
+        self._thread = threading.Thread(target=self._run, name="streaming-llm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def load(self) -> int:
+        """Jobs running or waiting."""
+        return self._count
+
+    def submit(self, job: Job) -> Ticket:
+        """Queue ``job``; call from the event loop that will read the ticket's events."""
+        ticket = Ticket(job, asyncio.get_running_loop())
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("The server is shutting down.")
+            if self._count >= self.max_queue:
+                raise QueueFull(f"The server is busy ({self._count} requests running or waiting); retry later.")
+            self._count += 1
+            self._all.add(ticket)
+        self._inbox.put(ticket)
+        return ticket
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Cancel everything, let each job close (and persist) its turn, and stop the worker."""
+        with self._lock:
+            self._stopping = True
+            tickets = list(self._all)
+        for ticket in tickets:
+            ticket.cancel("shutdown")
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # -- the worker --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        waiting: deque[Ticket] = deque()  # in submission order
+        running: dict[Ticket, Iterator[object] | None] = {}  # iterator created on first step
+        busy: set[str] = set()
+        stop = False
+        while not (stop and not waiting and not running):
+            # Take new tickets: block only when there is nothing to do.
+            try:
+                item = self._inbox.get(timeout=None if not (waiting or running or stop) else 0)
+                while True:
+                    if item is None:
+                        stop = True
+                    else:
+                        waiting.append(item)
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            # Start waiting jobs whose session is free (same-session jobs keep their order).
+            blocked: set[str] = set()
+            for ticket in list(waiting):
+                sid = ticket.job.session_id
+                if sid is not None and (sid in busy or sid in blocked):
+                    blocked.add(sid)
+                    continue
+                waiting.remove(ticket)
+                running[ticket] = None
+                if sid is not None:
+                    busy.add(sid)
+            # One step of every running job, round robin.
+            for ticket in list(running):
+                if self._step(ticket, running):
+                    del running[ticket]
+                    if ticket.job.session_id is not None:
+                        busy.discard(ticket.job.session_id)
+                    self._finish(ticket)
+
+    def _step(self, ticket: Ticket, running: dict) -> bool:
+        """Advance one job by one step; True when it has ended (its final event is sent)."""
+        job = ticket.job
+        expired = job.deadline is not None and time.monotonic() > job.deadline
+        if ticket.cancelled.is_set() or expired:
+            iterator = running[ticket]
+            try:
+                if iterator is not None:
+                    iterator.close()  # closes the turn (and persists it) as far as it got
+            except Exception as error:  # pragma: no cover - closing should not fail
+                log.exception("closing a cancelled job failed")
+                ticket._put(error)
+                return True
+            if expired and not ticket.cancelled.is_set():
+                ticket._put(JobTimeout("The request ran past the server's time limit (--request-timeout)."))
+            else:
+                ticket._put(JobCancelled(f"The request was cancelled ({ticket.reason})."))
+            return True
+        try:
+            if running[ticket] is None:
+                running[ticket] = job.work()
+            event = next(running[ticket])
+        except StopIteration:
+            ticket._put(RuntimeError("The job ended without a result."))
+            return True
+        except Exception as error:
+            ticket._put(error)
+            return True
+        ticket._put(event)
+        return isinstance(event, Done)
+
+    def _finish(self, ticket: Ticket) -> None:
+        ticket.finished.set()
+        with self._lock:
+            self._count -= 1
+            self._all.discard(ticket)

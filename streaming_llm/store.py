@@ -1,0 +1,194 @@
+"""Where the server keeps its sessions: a bounded in-memory LRU, and (with a state folder) disk.
+
+With ``state_dir`` every completed turn is written to ``state_dir/sessions/<sha256(id)>.safetensors``
+(atomically, see :mod:`streaming_llm.persistence`) and indexed in ``state_dir/index.sqlite3`` (id,
+file, message digest, counters, last update). Sessions beyond ``max_sessions`` leave memory least
+recently used first and come back from their file on demand, exactly as they were. Without
+``state_dir`` a session pushed out of memory is gone (the next request rebuilds it from its history).
+
+Memory: ``max_sessions`` fixed-size caches. The index grows with the number of sessions, never with
+their length. Only the engine's worker thread touches sessions; the lock guards the bookkeeping that
+HTTP handlers read (listing, deleting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .persistence import SessionFileError, read_session_file, remove_stale_temporaries, write_session_file
+from .session import StreamingSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Live:
+    """A session in memory, with the digest chain of the messages it has processed."""
+
+    id: str
+    session: StreamingSession
+    digest: str = ""
+    messages: int = 0
+
+
+def chain(digest: str, role: str, content: str) -> str:
+    """The digest after one more message (a hash chain: O(1) memory however long the conversation)."""
+    return hashlib.sha256(f"{digest}\x00{role}\x00{content}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class SessionStore:
+    """Sessions by id: live ones in an LRU of ``max_sessions``, the rest on disk (with ``state_dir``)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_sessions: int,
+                 state_dir: str | Path | None = None):  # fmt: skip
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self.model, self.tokenizer, self.max_sessions = model, tokenizer, max_sessions
+        self.live: OrderedDict[str, Live] = OrderedDict()
+        self.by_digest: dict[str, str] = {}  # digest of a live session -> its id (fallback matching)
+        self.lock = threading.RLock()
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.db: sqlite3.Connection | None = None
+        if self.state_dir:
+            (self.state_dir / "sessions").mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.state_dir / "sessions"):
+                log.warning("removed a stale temporary file: %s", stale)
+            self.db = sqlite3.connect(self.state_dir / "index.sqlite3", check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, file TEXT NOT NULL, digest TEXT NOT NULL, "
+                "messages INTEGER NOT NULL, turns INTEGER, seen_tokens INTEGER, evicted_tokens INTEGER, "
+                "cached_tokens INTEGER, cache_bytes INTEGER, updated REAL NOT NULL)"
+            )
+            self.db.execute("CREATE INDEX IF NOT EXISTS sessions_digest ON sessions (digest)")
+
+    def path(self, session_id: str) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / "sessions" / f"{hashlib.sha256(session_id.encode()).hexdigest()[:40]}.safetensors"
+
+    # -- lookup --------------------------------------------------------------------------------------------
+    def find_by_digest(self, digest: str) -> str | None:
+        """The id of the session whose processed messages have this digest, if any (live or on disk)."""
+        with self.lock:
+            if digest in self.by_digest:
+                return self.by_digest[digest]
+            if self.db is not None:
+                row = self.db.execute("SELECT id FROM sessions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
+                return row[0] if row else None
+        return None
+
+    def get(self, session_id: str) -> Live | None:
+        """The session (from memory, or restored from disk), or None when unknown. Worker thread only.
+
+        Raises :class:`SessionFileError` when its file exists but cannot be used.
+        """
+        with self.lock:
+            if session_id in self.live:
+                self.live.move_to_end(session_id)
+                return self.live[session_id]
+        if self.state_dir is None or not self.path(session_id).is_file():
+            return None
+        state, tensors = read_session_file(self.path(session_id), self.model)
+        try:
+            session = StreamingSession.from_state(self.model, self.tokenizer, tensors, state)
+            server = state["server"]
+            live = Live(session_id, session, str(server["digest"]), int(server["messages"]))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+            raise SessionFileError(f"The stored session {session_id!r} is inconsistent ({error}).") from None
+        self.put(live)
+        return live
+
+    # -- updates (worker thread) -----------------------------------------------------------------------------
+    def put(self, live: Live) -> None:
+        """Make ``live`` the most recent session in memory; spill the least recent beyond ``max_sessions``."""
+        with self.lock:
+            old = self.live.pop(live.id, None)
+            if old is not None:
+                self.by_digest.pop(old.digest, None)
+            self.live[live.id] = live
+            self.by_digest[live.digest] = live.id
+            while len(self.live) > self.max_sessions:
+                _, gone = self.live.popitem(last=False)
+                self.by_digest.pop(gone.digest, None)  # already on disk (every turn is), or dropped
+
+    def update_digest(self, live: Live, digest: str, messages: int) -> None:
+        with self.lock:
+            if self.by_digest.get(live.digest) == live.id:
+                del self.by_digest[live.digest]
+            live.digest, live.messages = digest, messages
+            if live.id in self.live:
+                self.by_digest[digest] = live.id
+
+    def persist(self, live: Live) -> None:
+        """Write the session's state to its file and the index (no-op without ``state_dir``)."""
+        if self.state_dir is None or self.db is None:
+            return
+        tensors, state = live.session.state()
+        state["server"] = {"id": live.id, "digest": live.digest, "messages": live.messages}
+        path = write_session_file(self.path(live.id), tensors, state, self.model)
+        stats = live.session.stats()
+        with self.lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (live.id, path.name, live.digest, live.messages, stats.turns, stats.seen_tokens, stats.evicted_tokens,
+                 stats.cached_tokens, stats.cache_bytes, time.time()),
+            )  # fmt: skip
+
+    def discard(self, session_id: str) -> None:
+        """Forget the in-memory copy (e.g. after a failure); the file, if any, stays."""
+        with self.lock:
+            live = self.live.pop(session_id, None)
+            if live is not None and self.by_digest.get(live.digest) == session_id:
+                del self.by_digest[live.digest]
+
+    # -- for the HTTP handlers ---------------------------------------------------------------------------------
+    def describe(self, session_id: str) -> dict | None:
+        with self.lock:
+            if session_id in self.live:
+                live = self.live[session_id]
+                return {"id": session_id, "object": "session", "in_memory": True, "messages": live.messages,
+                        **live.session.stats_dict()}  # fmt: skip
+            if self.db is None:
+                return None
+            row = self.db.execute(
+                "SELECT id, messages, turns, seen_tokens, evicted_tokens, cached_tokens, cache_bytes, updated "
+                "FROM sessions WHERE id = ?", (session_id,),
+            ).fetchone()  # fmt: skip
+        if row is None:
+            return None
+        keys = ("id", "messages", "turns", "seen_tokens", "evicted_tokens", "cached_tokens", "cache_bytes", "updated")
+        return {"object": "session", "in_memory": False, **dict(zip(keys, row, strict=True))}
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            ids = list(self.live)
+            if self.db is not None:
+                rows = self.db.execute("SELECT id FROM sessions ORDER BY updated DESC")
+                ids += [row[0] for row in rows if row[0] not in ids]
+        return ids
+
+    def delete(self, session_id: str) -> bool:
+        """Remove a session from memory, disk and the index; False when it did not exist."""
+        with self.lock:
+            found = session_id in self.live
+            self.discard(session_id)
+            if self.db is not None:
+                found |= self.db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
+                path = self.path(session_id)
+                found |= path.is_file()
+                path.unlink(missing_ok=True)
+        return found
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
