@@ -220,10 +220,8 @@ class SlotCache(Cache):
         """
         s = self.group
         w = s.window
-        host[:, :n] = 0
-        host[_FIELDS.index("canon"), :n] = self._span
-        host[_FIELDS.index("turn"), :n] = self._span
-        host[_FIELDS.index("hi"), :n] = 1  # rows not decoding attend to slot 0 only
+        idle = dict.fromkeys(_FIELDS, 0) | {"turn": self._span, "canon": self._span, "hi": 1}  # attends to slot 0
+        columns = [list(idle.values()) for _ in range(n)]
         for b, token in tokens.items():
             if not 0 <= b < n:
                 raise ValueError(f"Row {b} is outside this step's rows 0..{n - 1}.")
@@ -239,19 +237,24 @@ class SlotCache(Cache):
                 g.shift = shift_in
             sink = t < w.start_size
             e = m - w.in_cache_position(t, g.segment_len)
-            if not (-self._span <= e <= self._span and -self._span <= t - m <= self._span):
+            if not (-self._span <= e <= self._span and (not sink or -self._span <= t - m <= self._span)):
                 raise ValueError(f"Row {b}: rotation {e} is outside the table; positions were not chosen by the cache.")
             end = t + 1
-            fields = {
-                "token": int(token), "position": m, "slot": g.sink_base + t if sink else g.ring_slot(t),
-                "pin_slot": g.sink_base + t if sink else 0, "turn": e + self._span,
-                "canon": (t - m if sink else 0) + self._span, "sink": int(sink), "active": 1,
-                "lo": g.sink_base - g.segment_len, "hi": g.sink_base + min(end, w.start_size),
-                "fill": min(max(end - w.start_size, 0), g.ring_size),
-            }  # fmt: skip
-            for name, value in fields.items():
-                host[_FIELDS.index(name), b] = value
+            columns[b] = [
+                int(token),
+                m,
+                g.sink_base + t if sink else g.ring_slot(t),
+                g.sink_base + t if sink else 0,
+                e + self._span,
+                (t - m if sink else 0) + self._span,
+                int(sink),
+                1,
+                g.sink_base - g.segment_len,
+                g.sink_base + min(end, w.start_size),
+                min(max(end - w.start_size, 0), g.ring_size),
+            ]  # fmt: skip (order of _FIELDS)
             g.seen, g.pinned_rotation, g.plan = end, None, None
+        host[:, :n] = torch.tensor(columns, dtype=torch.int64).T
         self._n = n
 
     def device_prepare(self) -> torch.Tensor:
