@@ -16,8 +16,9 @@ no-ops and their query attends to one slot, so nothing is NaN).
 Everything that changes between steps lives in device tensors written before the step, so on CUDA
 the step is captured once per bucket in a CUDA graph and replayed.
 
-Only models whose layers form one stream group (every layer full attention with one RoPE: Llama,
-Qwen2, Mistral without sliding window, SmolLM2...) are supported: a batched step passes one mask.
+Attention (``streaming_llm.attention._slots``) folds the grouped-query heads into the query length,
+so keys are never repeated. Only models whose layers form one stream group (every layer full
+attention with one RoPE: Llama, Qwen2, Mistral without sliding window, SmolLM2...) are supported.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from .attention import SlotMask
 from .cache import StreamGroup, StreamingCache, StreamingLayer
 from .compat import cache_kwargs
 
@@ -106,6 +108,7 @@ class SlotCache(Cache):
         # Batched-step state (device buffers per bucket, see BatchedDecoder).
         self._n = 0
         self._dev: torch.Tensor | None = None  # (len(_FIELDS), rows) int64 on device
+        self._mask: torch.Tensor | None = None  # (n, 1, 1, slots) bool, made by device_prepare()
         self._arange = torch.arange(rows, device=self.device)
         self._slot_range = torch.arange(g.slots, device=self.device)
 
@@ -210,6 +213,13 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly (per row)
 
+    def get_query_offset(self, layer_idx: int = 0) -> SlotMask:
+        # Not an offset: the "streaming_llm" mask function hands it on as the mask of every layer.
+        return SlotMask(self._mask)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, self.group.slots
+
     # -- the batched step ------------------------------------------------------------------------------
     def plan_batch(self, tokens: Mapping[int, int], n: int, host: torch.Tensor) -> None:
         """Host work of a batched step over rows ``0 .. n-1``: fill ``host`` ``(len(_FIELDS), >= n)`` int64
@@ -272,7 +282,8 @@ class SlotCache(Cache):
         j = self._slot_range[None, :]
         ring = (j >= s.ring_base) & (j < s.ring_base + f["fill"][:, None])
         mask = ((j >= f["lo"][:, None]) & (j < f["hi"][:, None])) | ring
-        return mask[:, None, None, :]
+        self._mask = mask[:, None, None, :]
+        return self._mask
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write each decoding row's new key/value ``(n, kv_heads, 1, head_dim)`` into its slot (other rows:
@@ -363,12 +374,12 @@ class BatchedDecoder:
     def _forward(self, n: int) -> torch.Tensor:
         cache = self.cache
         cache._n = n
-        mask = cache.device_prepare()
+        cache.device_prepare()  # the mask reaches attention through cache.get_query_offset()
         d = cache._dev
         ids = d[_FIELDS.index("token"), :n, None]
         positions = d[_FIELDS.index("position"), :n, None]
         out = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
+            input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
             **cache_kwargs(self.model, cache),
         )  # fmt: skip
         return out.logits[:, -1]
