@@ -229,7 +229,8 @@ def main() -> None:
 
     meta = {
         "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
         "model": f"{name}, random weights", "cache": f"{args.start_size}+{args.recent_size} per stream",
         "wall_s": time.perf_counter() - began,
@@ -262,6 +263,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     b.axhline(single["per_stream_ms_per_token"], color="red", ls="--", label="single-stream cache")
     b.set(xscale="log", xlabel="live streams", ylabel="ms per token, per stream (mean)")
     for ax in (a, b):
+        ax.minorticks_off()
         ax.set_xticks(streams, [str(s) for s in streams])
         ax.legend(fontsize=8)
     fig.suptitle(f"Batched decode, each stream past {rows[-1]['context']} tokens: {meta['model']} on "
