@@ -179,3 +179,26 @@ def test_scheduler_evicts_least_recently_used_session_and_cancels(model):
     assert [list(scheduler.submit("c", [3], 4))] == greedy_alone(
         model, [(stream(4, 41)[0].tolist() + handle.tokens + [3], 4)]
     )
+
+
+def test_rows_with_a_pinned_segment_equal_single_stream_caches(model):
+    """A row with an injected segment (memory features) and one without, stepped together."""
+    ids = stream(60, 12)
+    gen = torch.Generator().manual_seed(3)
+    seg_k = [torch.randn(1, 2, 3, 16, generator=gen) for _ in range(2)]
+    seg_v = [torch.randn(1, 2, 3, 16, generator=gen) for _ in range(2)]
+    cache = SlotCache(model.config, 2, START, RECENT, segment_capacity=3)
+    singles = [StreamingCache(model.config, START, RECENT, segment_capacity=3) for _ in range(2)]
+    for b, single in enumerate(singles):
+        cache.assign(b)
+        for c in (cache.row(b), single):
+            prefill(model, c, ids[:, :10], 10)
+            if b == 0:
+                c.set_segment(seg_k, seg_v)
+    decoders = [Decoder(model, c) for c in singles]
+    batched = BatchedDecoder(model, cache)
+    for i in range(10, 60):
+        got = batched({0: int(ids[0, i]), 1: int(ids[0, i])})
+        for b in range(2):
+            torch.testing.assert_close(got[b], decoders[b](int(ids[0, i])), atol=1e-5, rtol=0)
+    assert cache.row(0).segment_len == 3 and cache.row(0).main.shift != 0  # rebased with the segment in
