@@ -10,7 +10,8 @@ tokens, slots and positions as a real stream that long), then its state is resto
 other row (``SlotCache.assign(b, state=...)``). So all rows hold the same kept tokens; each step
 still writes, turns and attends per row exactly as for distinct streams.
 
-Baseline: one stream alone on a plain ``StreamingCache`` with the single-stream ``Decoder``.
+Baseline: one stream alone on a plain ``StreamingCache`` (restored from row 0's state) with the
+single-stream ``Decoder``.
 Every timed step is synchronised and reads every row's greedy token back (as a server does).
 
 On CUDA a check runs first: 4 streams at different lengths (fresh, filling sinks, 2k, one that
@@ -80,13 +81,11 @@ def timed(step, first: torch.Tensor, decode: int, warmup: int = 3) -> list[float
 
 
 @torch.no_grad()
-def single_stream(model, args, context: int) -> dict:
-    cache = StreamingCache(model.config, args.start_size, args.recent_size)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.stream_limit), device=model.device)
-    logits = prefill(model, cache, ids, args.chunk)
-    fast_forward(cache, context - args.stream_limit)
+def single_stream(model, args, state, first: torch.Tensor) -> dict:
+    """One stream alone on a plain StreamingCache (restored from the same state as the rows)."""
+    cache = StreamingCache.from_state(model.config, *state)
     decoder = Decoder(model, cache)
-    times = timed(lambda t: decoder(t.reshape(1))[None], logits.argmax(-1).reshape(1), args.decode)
+    times = timed(lambda t: decoder(t.reshape(1))[None], first.reshape(1), args.decode)
     return {"method": "single-stream", "streams": 1, "context": cache.seen_tokens,
             "graph_replays": decoder.replays, **summary(times, 1), "cache_mib": cache.nbytes / 2**20}  # fmt: skip
 
@@ -107,10 +106,21 @@ def batched(model, args, context: int) -> list[dict]:
     prefill_s = time.perf_counter() - began
     fast_forward(cache.row(0), context - args.stream_limit)
     state = cache.row(0).state()
+    out = [single_stream(model, args, state, logits.argmax(-1))]
+    print(json.dumps(out[-1]), flush=True)
     for b in range(1, rows):
         cache.assign(b, state=state)
+    one_stream = StreamingCache.from_state(model.config, *state).nbytes
+    memory = {
+        "method": "memory",
+        "rows": rows,
+        "slot_cache_mib": cache.nbytes / 2**20,
+        "one_stream_mib": one_stream / 2**20,
+        "exactly_rows_x_one_stream": cache.nbytes == rows * one_stream,
+    }
+    print(json.dumps(memory), flush=True)
     decoder = BatchedDecoder(model, cache)
-    out = []
+    out.append(memory)
     for n in args.streams:
         first = logits.argmax(-1).reshape(1).expand(n).clone()
         step = lambda t, n=n: decoder(dict(enumerate(t.tolist())))[:n]  # noqa: E731
@@ -181,6 +191,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-shaped model (CPU run)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (torch.set_num_threads); 0: default")
     parser.add_argument("--no-check", action="store_true", help="skip the batched-vs-alone greedy check")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -188,6 +199,8 @@ def main() -> None:
         parser.error("--stream-limit must exceed start-size + recent-size (fast-forward needs a full ring)")
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape, name = (TINY, "tiny") if args.tiny else (SMOLLM2_135M, "SmolLM2-135M-shaped") if args.smollm2 else (
         LLAMA3_8B, "Llama-3-8B-shaped")  # fmt: skip
@@ -200,8 +213,6 @@ def main() -> None:
     if device.type == "cuda" and not args.no_check:
         rows.append(check(model, args))
         print(json.dumps(rows[-1]), flush=True)
-    rows.append(single_stream(model, args, args.context))
-    print(json.dumps(rows[-1]), flush=True)
     rows += batched(model, args, args.context)
     single = next(r for r in rows if r["method"] == "single-stream")
     one = next((r for r in rows if r["method"] == "batched" and r["streams"] == 1), None)
@@ -233,7 +244,7 @@ def main() -> None:
         if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
         "model": f"{name}, random weights", "cache": f"{args.start_size}+{args.recent_size} per stream",
-        "wall_s": time.perf_counter() - began,
+        "wall_s": time.perf_counter() - began, "threads": torch.get_num_threads(),
         "note": f"row 0 streams {args.stream_limit} tokens for real, is fast-forwarded to {args.context} "
         "(fast_forward) and restored into every other row; each timed step reads every row's token back",
     }  # fmt: skip
