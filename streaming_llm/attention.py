@@ -37,6 +37,16 @@ class StreamingMask:
     ndim = 4  # so that transformers hands it back unchanged when a caller passes it in again
 
 
+@dataclass(frozen=True)
+class SlotMask:
+    """The "mask" of a batched step of a :class:`~streaming_llm.slots.SlotCache`: which buffer slots
+    each row sees, bool ``(rows, 1, 1, slots)``. Also the cache's query offset (the mask function
+    hands it on unchanged)."""
+
+    mask: torch.Tensor
+    ndim = 4
+
+
 def streaming_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -53,7 +63,7 @@ def streaming_attention_forward(
     returns ``(batch, q_len, heads, head_dim)``.
     """
     softcap = kwargs.get("softcap")  # Gemma 2's attention-logit soft-capping
-    if not isinstance(attention_mask, StreamingMask):  # any other cache, or none: plain attention
+    if not isinstance(attention_mask, (StreamingMask, SlotMask)):  # any other cache, or none: plain attention
         if softcap is None:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -62,6 +72,8 @@ def streaming_attention_forward(
         return _eager(query, key, value, attention_mask, scaling, softcap).transpose(1, 2).contiguous(), None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if isinstance(attention_mask, SlotMask):  # one token for each of many independent streams
+        return _slots(query, key, value, attention_mask.mask, scaling, softcap).transpose(1, 2).contiguous(), None
     group = attention_mask.cache.layers[module.layer_idx].group
     plan = group.plan
     if plan.mode == "banded":
@@ -83,6 +95,22 @@ def _causal(
     if softcap is not None:
         return _eager(query, key, value, mask, scaling, softcap)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+def _slots(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One query per row over that row's whole buffer, ``mask`` ``(rows, 1, 1, slots)`` saying which slots
+    it sees. The grouped-query heads are folded into the query length, so keys are never repeated."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
+    if softcap is not None:
+        out = _eager(q, key, value, mask, scaling, softcap)
+    else:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, q_len, -1)
 
 
 def _eager(
@@ -143,6 +171,8 @@ def streaming_mask(*args, q_offset=0, attention_mask: torch.Tensor | None = None
         ValueError: A padded batch (zeros among the new tokens' attention mask) on a streaming cache,
             which cannot be served exactly (every row would need its own positions).
     """
+    if isinstance(q_offset, SlotMask):  # a SlotCache's batched step
+        return q_offset
     if isinstance(q_offset, StreamingStep):
         if isinstance(attention_mask, StreamingMask):  # prepared earlier (generate() does so)
             attention_mask = None
