@@ -178,14 +178,16 @@ class Engine:
                     busy.add(sid)
             # One step of every running job, round robin.
             for ticket in list(running):
-                if self._step(ticket, running):
+                event, ended = self._step(ticket, running)
+                if ended:
                     del running[ticket]
                     if ticket.job.session_id is not None:
                         busy.discard(ticket.job.session_id)
-                    self._finish(ticket)
+                    self._finish(ticket)  # counted as finished before its last event is seen
+                ticket._put(event)
 
-    def _step(self, ticket: Ticket, running: dict) -> bool:
-        """Advance one job by one step; True when it has ended (its final event is sent)."""
+    def _step(self, ticket: Ticket, running: dict) -> tuple[object, bool]:
+        """Advance one job by one step: ``(event, ended)``; an ended job's event is its final one."""
         job = ticket.job
         expired = job.deadline is not None and time.monotonic() > job.deadline
         if ticket.cancelled.is_set() or expired:
@@ -195,25 +197,22 @@ class Engine:
                     iterator.close()  # closes the turn (and persists it) as far as it got
             except Exception as error:  # pragma: no cover - closing should not fail
                 log.exception("closing a cancelled job failed")
-                ticket._put(error)
-                return True
+                return error, True
             if expired and not ticket.cancelled.is_set():
-                ticket._put(JobTimeout("The request ran past the server's time limit (--request-timeout)."))
-            else:
-                ticket._put(JobCancelled(f"The request was cancelled ({ticket.reason})."))
-            return True
+                return JobTimeout("The request ran past the server's time limit (--request-timeout)."), True
+            return JobCancelled(f"The request was cancelled ({ticket.reason})."), True
         try:
             if running[ticket] is None:
                 running[ticket] = job.work()
             event = next(running[ticket])
         except StopIteration:
-            ticket._put(RuntimeError("The job ended without a result."))
-            return True
+            return RuntimeError("The job ended without a result."), True
         except Exception as error:
-            ticket._put(error)
-            return True
-        ticket._put(event)
-        return isinstance(event, Done)
+            return error, True
+        if isinstance(event, Done):
+            running[ticket].close()
+            return event, True
+        return event, False
 
     def _finish(self, ticket: Ticket) -> None:
         ticket.finished.set()
