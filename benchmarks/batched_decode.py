@@ -193,6 +193,9 @@ def main() -> None:
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-shaped model (CPU run)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (torch.set_num_threads); 0: default")
     parser.add_argument("--no-check", action="store_true", help="skip the batched-vs-alone greedy check")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bf16 on CUDA")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers (a quick float32 check)")
+    parser.add_argument("--check-only", action="store_true", help="run the batched-vs-alone check and stop")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.stream_limit <= args.start_size + args.recent_size:
@@ -201,9 +204,11 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shape, name = (TINY, "tiny") if args.tiny else (SMOLLM2_135M, "SmolLM2-135M-shaped") if args.smollm2 else (
         LLAMA3_8B, "Llama-3-8B-shaped")  # fmt: skip
+    if args.layers:
+        shape, name = {**shape, "num_hidden_layers": args.layers}, f"{name}, {args.layers} layers"
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).eval()
@@ -213,6 +218,11 @@ def main() -> None:
     if device.type == "cuda" and not args.no_check:
         rows.append(check(model, args))
         print(json.dumps(rows[-1]), flush=True)
+    if args.check_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": "python " + " ".join(sys.argv), "model": name, "dtype": str(dtype)}
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        return
     rows += batched(model, args, args.context)
     single = next(r for r in rows if r["method"] == "single-stream")
     one = next((r for r in rows if r["method"] == "batched" and r["streams"] == 1), None)
