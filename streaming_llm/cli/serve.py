@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from .common import add_model_flags, load
@@ -15,9 +16,9 @@ def add_parser(subparsers) -> None:
         "feed only their new message (history is never re-processed); memory is bounded by --max-sessions "
         "fixed-size caches. Needs: pip install 'streaming-llm[server]'.",
     )  # fmt: skip
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-sessions", type=int, default=8, help="live conversations kept (default 8)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    serve.add_argument("--max-sessions", type=int, default=8, help="live conversations kept")
     serve.add_argument("--name", default="streaming-llm", help="model name reported by /v1/models")
     add_model_flags(serve)
     serve.set_defaults(run=run)
@@ -31,8 +32,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from ..server import create_app
 
+    check_port(args.host, args.port)  # before the model load, which takes a while
     model, tokenizer = load(args)
     app = create_app(model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
                      max_sessions=args.max_sessions)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise ValueError with a clear message if ``host:port`` cannot be listened on (e.g. already in use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}); the port is probably in use by another "
+                "server: stop it or pass --port with a free port"
+            ) from None
