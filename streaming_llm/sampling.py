@@ -169,16 +169,22 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor) -> int:
         cfg = self.config
+        # Narrow to the candidates first (top-k, else min-p), so top-p sorts a few tokens, not the vocabulary.
         if cfg.top_k:
-            kth = logits.topk(min(cfg.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            logits, candidates = logits.topk(min(cfg.top_k, logits.numel()))
+        elif cfg.min_p:
+            probs = logits.softmax(-1)
+            candidates = (probs >= cfg.min_p * probs.max()).nonzero().squeeze(-1)
+            logits = logits[candidates]
+        else:
+            candidates = None
         if cfg.min_p:
             probs = logits.softmax(-1)
             logits = logits.masked_fill(probs < cfg.min_p * probs.max(), float("-inf"))
         if cfg.top_p < 1.0:
             sorted_logits, order = logits.sort(descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token that crosses top_p
+            sorted_probs = sorted_logits.softmax(-1)
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p  # keep the token that crosses top_p
             logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        choice = int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
+        return choice if candidates is None else int(candidates[choice])

@@ -70,8 +70,10 @@ def add_parser(subparsers) -> None:
     demo.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (one batch row each)")
     demo.add_argument("--tokens", type=int, default=1200, help="tokens generated per seed")
     demo.add_argument("--span", type=int, default=300, help="tokens per scored range")
-    demo.add_argument("--full-cache", action=argparse.BooleanOptionalAction, default=True,
-                      help="also generate with a cache that never evicts")  # fmt: skip
+    demo.add_argument(
+        "--caches", default="streaming,full",
+        help="streaming: the demo's window (--start-size + --recent-size); full: a cache that never evicts",
+    )  # fmt: skip
     demo.add_argument("--out", type=Path, default=Path("results/demo-quality"), help="output folder")
     add_model_flags(demo, recent_size=256)
     demo.set_defaults(run=run_demo)
@@ -250,9 +252,12 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     seeds = [int(s) for s in args.seeds.split(",")]
-    caches = {"streaming": args.recent_size}
-    if args.full_cache:
-        caches["full"] = len(prompt_ids) + args.tokens  # never evicts: the model's own full context
+    sizes = {"streaming": args.recent_size, "full": len(prompt_ids) + args.tokens}  # full: never evicts
+    caches = {}
+    for name in args.caches.split(","):
+        if name not in sizes:
+            raise ValueError(f"Unknown cache '{name}'; use streaming and/or full.")
+        caches[name] = sizes[name]
     names = args.recipes.split(",")
     for name in names:
         if name not in RECIPES:

@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: the server needs FastAPI and uvicorn: pip install 'streaming-llm[server]'", file=sys.stderr)
         return 2
+    check_port(args.host, args.port)  # before importing torch and loading the model, which take a while
     from ..server import create_app
 
-    check_port(args.host, args.port)  # before the model load, which takes a while
     model, tokenizer = load(args)
     app = create_app(model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
                      max_sessions=args.max_sessions)  # fmt: skip
