@@ -59,6 +59,7 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "suppress_ids", tuple(int(i) for i in self.suppress_ids))  # lists from JSON
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
