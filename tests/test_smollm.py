@@ -50,11 +50,11 @@ def test_hybrid_memory_recalls_an_evicted_fact_plain_streaming_cannot(smollm, sh
     assert "4817" not in answers["plain"]
 
 
-# Distinct word bigrams per 275-token range must stay above this. The full-cache run of the same recipe
-# (docs/RESULTS.md, "Demo quality", results/demo-quality/full) never went below DENSE_MIN in any range of
-# any of 5 seeds; word salad and loops fall far below it.
-DENSE_MIN = None
-DISTINCT2_FLOOR = None
+# Distinct word bigrams per 275-token range must stay above this floor: the lowest value the model reached
+# with the same recipe and its full, never-evicted context (0.251 over 5 seeds x 4 ranges of 275 tokens;
+# docs/RESULTS.md, "Demo quality", results/demo-quality/full). Streaming must not loop worse than the
+# model does on its own; a hard loop of one sentence scores below 0.05.
+DISTINCT2_FLOOR = 0.25
 
 
 def test_demo_defaults_read_as_words_far_past_the_window(smollm):
@@ -81,4 +81,6 @@ def test_demo_defaults_read_as_words_far_past_the_window(smollm):
     for lo in range(0, 2000, 275):
         part = tokenizer.decode(ids[lo : lo + 275]).split()
         bigrams = list(zip(part, part[1:], strict=False))
-        assert len(set(bigrams)) / len(bigrams) > DISTINCT2_FLOOR, (lo, " ".join(part))
+        distinct = len(set(bigrams)) / len(bigrams)
+        print(f"tokens {lo}-{lo + 275}: distinct-2 {distinct:.3f}, longest word {max(len(w) for w in part)}")
+        assert distinct > DISTINCT2_FLOOR, (lo, " ".join(part))
