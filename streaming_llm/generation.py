@@ -166,7 +166,7 @@ def stream_generate(
     install(model)
     cache = cache if cache is not None else StreamingCache(model.config, start_size, recent_size)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
-    sampler = Sampler(sampling, device=model.device)
+    sampler = Sampler(sampling, device=model.device, tokenizer=tokenizer)
     sampler.observe(ids)
     logits = prefill(model, cache, ids, prefill_chunk)
     yield from _stream(model, tokenizer, cache, logits, sampler, max_new_tokens, stop)

@@ -118,7 +118,7 @@ class StreamingSession:
         self.memory = memory
         self.prefill_chunk = prefill_chunk
         self.template = IncrementalChatTemplate(tokenizer)
-        self.sampler = Sampler(self.sampling, device=model.device)
+        self.sampler = Sampler(self.sampling, device=model.device, tokenizer=tokenizer)
         self.turns = 0
         self.last_logits: torch.Tensor | None = None
         self.broken: str | None = None
@@ -247,7 +247,7 @@ class StreamingSession:
     def use_sampling(self, sampling: SamplingConfig) -> None:
         """Sample the next replies differently (keeps the repetition-penalty history)."""
         recent = list(self.sampler.recent)
-        self.sampling, self.sampler = sampling, Sampler(sampling, device=self.model.device)
+        self.sampling, self.sampler = sampling, Sampler(sampling, device=self.model.device, tokenizer=self.tokenizer)
         self.sampler.observe(recent)
 
     def chat(self, message: str, max_new_tokens: int | None = 512, stop: tuple[str, ...] | list[str] = ()) -> str:
@@ -286,12 +286,17 @@ class StreamingSession:
         previous_chunk, self.prefill_chunk = self.prefill_chunk, chunk_size
         try:
             self.feed(self._tokens(before))
-            with tqdm(unit="tok", desc="ingest", disable=not progress) as bar:
+            # The bar counts bytes of text (the total is known before tokenizing) and shows the tokens fed.
+            is_file = isinstance(source, os.PathLike) or _names_a_file(source)
+            on_disk = is_file and Path(source).is_file()  # a missing file is reported by _text_blocks
+            total = Path(source).stat().st_size if on_disk else len(str(source).encode("utf-8"))
+            with tqdm(total=total, unit="B", unit_scale=True, desc="ingest", disable=not progress) as bar:
                 for block in _text_blocks(source):
                     ids = self._tokens(block)
                     self.feed(ids)
                     fed += len(ids)
-                    bar.update(len(ids))
+                    bar.set_postfix_str(f"{fed:,} tokens", refresh=False)
+                    bar.update(len(block.encode("utf-8")))
             self.feed(self._tokens(after))
         finally:
             self.prefill_chunk = previous_chunk

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import streaming_llm
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(os.environ.get("STREAMING_LLM_DATA", REPO.parent / "shared" / "data")) / "shakespeare.txt"
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -72,9 +70,7 @@ def smollm():
 
 @pytest.fixture(scope="session")
 def shakespeare() -> str:
-    if not SHAKESPEARE.exists():
-        message = f"{SHAKESPEARE} is missing (set STREAMING_LLM_DATA to the folder holding shakespeare.txt)"
-        if os.environ.get("STREAMING_LLM_ALLOW_MISSING_DATA"):
-            pytest.skip(message)
-        pytest.fail(message)
-    return SHAKESPEARE.read_text(encoding="utf-8")
+    """The complete works of Shakespeare shipped with the package (streaming_llm/data)."""
+    from streaming_llm.data import read_text
+
+    return read_text()

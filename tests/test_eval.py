@@ -120,3 +120,23 @@ def test_cli_eval_ppl_writes_results(tmp_path, shakespeare):
     assert payload["meta"]["tokens"] == 400 and "command" in payload["meta"]
     assert (tmp_path / "out" / "ppl_running.png").stat().st_size > 0
     assert (tmp_path / "out" / "ppl.csv").read_text().startswith("to_token,window,streaming")
+
+
+def test_eval_text_defaults_to_the_packaged_shakespeare(tmp_path):
+    import gzip
+    from importlib import resources
+
+    from streaming_llm.cli import build_parser
+    from streaming_llm.cli.eval import _text
+
+    args = build_parser().parse_args(["eval", "ppl", "--offset-chars", "10"])
+    assert args.text is None
+    packaged = resources.files("streaming_llm.data") / "shakespeare.txt.gz"
+    whole = gzip.decompress(packaged.read_bytes()).decode("utf-8")
+    assert len(whole) == 5_057_282 and "To be, or not to be" in whole  # the complete works, not an excerpt
+    assert _text(args) == whole[10:]
+    small = tmp_path / "small.txt.gz"
+    small.write_bytes(gzip.compress(b"a compressed text"))
+    assert _text(build_parser().parse_args(["eval", "ppl", "--text", str(small)])) == "a compressed text"
+    with pytest.raises(FileNotFoundError, match="--text"):
+        _text(build_parser().parse_args(["eval", "ppl", "--text", str(tmp_path / "missing.txt")]))

@@ -8,7 +8,7 @@ import torch
 from streaming_llm import StreamingCache
 from streaming_llm.detokenize import IncrementalDetokenizer, StopMatcher
 from streaming_llm.generation import generate, stream_generate
-from streaming_llm.sampling import Sampler, SamplingConfig
+from streaming_llm.sampling import Sampler, SamplingConfig, neutral_token_ids
 
 TEXTS = [
     "Hello, world!  Two spaces, then\ttab and\nnewline.",
@@ -65,6 +65,57 @@ def test_repetition_penalty_discourages_seen_tokens():
     sampler = Sampler(SamplingConfig(repetition_penalty=2.0))
     sampler.observe([1])
     assert sampler(torch.tensor([0.1, 3.0, 2.9, -1.0])) == 2
+
+
+def test_min_p_drops_unlikely_tokens():
+    probs = torch.tensor([0.50, 0.30, 0.15, 0.04, 0.01])
+    logits = probs.log()
+    kept = Sampler(SamplingConfig(temperature=1.0, min_p=0.1, seed=0))
+    assert {kept(logits) for _ in range(300)} == {0, 1, 2}  # 0.04 and 0.01 are below 0.1 * 0.5
+    every = Sampler(SamplingConfig(temperature=1.0, seed=0))
+    assert {every(logits) for _ in range(2000)} == {0, 1, 2, 3, 4}
+
+
+def test_top_k_and_top_p_sample_among_the_right_tokens():
+    logits = torch.tensor([0.40, 0.30, 0.20, 0.10]).log()
+    top_k = Sampler(SamplingConfig(temperature=1.0, top_k=2, seed=0))
+    assert {top_k(logits) for _ in range(300)} == {0, 1}
+    top_p = Sampler(SamplingConfig(temperature=1.0, top_p=0.75, seed=0))  # 0.4 + 0.3 < 0.75: keeps 3
+    assert {top_p(logits) for _ in range(300)} == {0, 1, 2}
+
+
+def test_suppressed_tokens_are_never_picked():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert Sampler(SamplingConfig(suppress_ids=(1,)))(logits) == 2
+
+
+def test_dry_penalises_continuing_a_repeated_sequence():
+    config = SamplingConfig(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
+    sampler = Sampler(config)
+    sampler.observe([5, 6, 7, 8, 1, 2, 9, 5, 6, 7])  # "5 6 7" repeats; it was followed by 8
+    assert sampler._dry_penalties() == {8: pytest.approx(0.8 * 1.75 ** (3 - 2))}
+    logits = torch.zeros(10)
+    logits[8], logits[1] = 1.0, 0.0  # 8 wins without DRY, loses by 1.4 - 1.0 with it
+    assert Sampler(SamplingConfig())(logits) == 8
+    assert sampler(logits) != 8
+    short = Sampler(config)
+    short.observe([3, 4, 1, 3])  # a repeat of one token is allowed
+    assert short._dry_penalties() == {}
+
+
+def test_repetition_penalty_spares_whitespace_and_punctuation(tokenizer):
+    neutral = neutral_token_ids(tokenizer)
+    comma, newline, space, the, a = (tokenizer.convert_tokens_to_ids(t) for t in (",", "Ċ", "Ġ", "Ġthe", "Ġa"))
+    assert {comma, newline, space} <= neutral and the not in neutral and a not in neutral
+    config = SamplingConfig(repetition_penalty=2.0)
+    for seen in (comma, the):  # seen at logit 2.0 (halved to 1.0 if penalised); an unseen word at 1.5
+        logits = torch.zeros(len(tokenizer))
+        logits[seen], logits[a] = 2.0, 1.5
+        blind, aware = Sampler(config), Sampler(config, tokenizer=tokenizer)
+        blind.observe([seen])
+        aware.observe([seen])
+        assert blind(logits) == a  # without the tokenizer every seen token is penalised
+        assert aware(logits) == (comma if seen == comma else a)  # words still are, punctuation is not
 
 
 @pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"repetition_penalty": 0}])

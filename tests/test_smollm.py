@@ -48,3 +48,40 @@ def test_hybrid_memory_recalls_an_evicted_fact_plain_streaming_cannot(smollm, sh
         answers[name] = session.chat("What is the pass code of the blue door? Answer with the number.", 16)
     assert "4817" in answers["hybrid"]
     assert "4817" not in answers["plain"]
+
+
+# Distinct word bigrams per 275-token range must stay above this floor: just under the lowest value the model
+# reached with the same recipe and its full, never-evicted context (0.251 over 5 seeds x 4 ranges of 275 tokens;
+# docs/RESULTS.md, "Demo quality", results/demo-quality/full), less a margin because sampled text
+# diverges across CPUs' float rounding. Streaming must not loop clearly worse than the model does on its
+# own; a hard loop of one sentence scores below 0.05. (Seed 0 here, 2,000 tokens: lowest range 0.255.)
+DISTINCT2_FLOOR = 0.2
+
+
+def test_demo_defaults_read_as_words_far_past_the_window(smollm):
+    """2,000 tokens of `streaming-llm demo` (its exact defaults, cache 4+256): no run-together words, no loops."""
+    from streaming_llm.cli import build_parser
+    from streaming_llm.cli.common import sampling_config
+    from streaming_llm.cli.generate import DEMO_PROMPT
+    from streaming_llm.generation import eos_ids, stream_generate
+
+    model, tokenizer = smollm
+    args = build_parser().parse_args(["demo"])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": DEMO_PROMPT}], add_generation_prompt=True, tokenize=False
+    )
+    sampling = sampling_config(args, tuple(sorted(eos_ids(model, tokenizer))))
+    pieces = stream_generate(
+        model, tokenizer, prompt, start_size=args.start_size, recent_size=args.recent_size, max_new_tokens=2000,
+        sampling=sampling,
+    )  # fmt: skip
+    ids = [p.token_id for p in pieces if p.token_id is not None]
+    assert len(ids) == 2000 and args.start_size + args.recent_size <= 2000 / 4  # far past the window
+    words = tokenizer.decode(ids).split()
+    assert max(len(w) for w in words) <= 25, max(words, key=len)
+    for lo in range(0, 2000, 275):
+        part = tokenizer.decode(ids[lo : lo + 275]).split()
+        bigrams = list(zip(part, part[1:], strict=False))
+        distinct = len(set(bigrams)) / len(bigrams)
+        print(f"tokens {lo}-{lo + 275}: distinct-2 {distinct:.3f}, longest word {max(len(w) for w in part)}")
+        assert distinct > DISTINCT2_FLOOR, (lo, " ".join(part))

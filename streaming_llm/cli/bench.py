@@ -17,6 +17,14 @@ import sys
 
 from .common import add_model_flags
 
+DESCRIPTION = """Decode latency, tokens/s and cache memory of the streaming cache, after streaming --contexts
+tokens; --compare also measures transformers' DynamicCache.
+
+With --tp N the command relaunches itself under torchrun (one process per GPU, or per CPU process
+with gloo when there is no GPU); each rank loads the model with transformers' tensor parallelism and
+holds only its own KV heads in its own streaming cache. Every rank decides positions and eviction
+identically, so nothing is exchanged for the cache: the only communication is the model's own."""
+
 RANDOM_CONFIGS = {
     "tiny": dict(
         vocab_size=512,
@@ -43,7 +51,7 @@ RANDOM_CONFIGS = {
 def add_parser(subparsers) -> None:
     bench = subparsers.add_parser(
         "bench", help="decode latency and memory of the streaming cache (optionally tensor-parallel: --tp N)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )  # fmt: skip
     bench.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GPUs); relaunches under torchrun")
     bench.add_argument(

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
-from .common import add_model_flags, add_sampling_flags, load, sampling_config
+from .common import Timings, add_model_flags, add_sampling_flags, load, sampling_config
 from .interrupt import StopRequest
 
 HELP = """commands:
   /save PATH   save the session (atomic; restore it later with /load or --load)
   /load PATH   replace the session by a saved one (the current one is kept if loading fails)
   /reset       start a new conversation (same system prompt)
-  /stats       tokens seen, evicted, in cache, cache bytes
+  /stats       tokens seen, evicted, in cache, cache size, and the last reply's timings
   /help        this text
   /quit        leave (Ctrl-D works too); Ctrl-C stops a reply early"""
 
@@ -33,7 +33,11 @@ def add_session_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("conversation")
     group.add_argument("--system", default=None, help="system prompt")
     group.add_argument("--no-pin-system", action="store_true", help="let the system prompt be evicted too")
-    group.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    group.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (0 = no limit)")
+    group.add_argument(
+        "--verbose", "-v", action="store_true",
+        help="print the timings after each reply (prompt tok/s, generated tok/s, time to first token)",
+    )  # fmt: skip
     group.add_argument(
         "--memory", action="store_true",
         help="hybrid memory: summarise evicted text with the model and keep the summary pinned (slower)",
@@ -62,9 +66,12 @@ def run(args: argparse.Namespace) -> int:
     return repl(session, args, model, tokenizer)
 
 
-def reply(session, message: str, args: argparse.Namespace, stop: StopRequest) -> None:
+def reply(session, message: str, args: argparse.Namespace, stop: StopRequest) -> Timings:
+    timings = Timings(session.stats().seen_tokens)
     with stop.catching():
+        timings.start()
         for piece in session.send(message, max_new_tokens=args.max_tokens or None, stop=tuple(args.stop)):
+            timings.see(piece)
             sys.stdout.write(piece.text)
             sys.stdout.flush()
             if stop:
@@ -72,12 +79,15 @@ def reply(session, message: str, args: argparse.Namespace, stop: StopRequest) ->
                 break
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if getattr(args, "verbose", False):
+        print(timings.summary(), file=sys.stderr, flush=True)
+    return timings
 
 
 def repl(session, args: argparse.Namespace, model, tokenizer, lines=None) -> int:
     """Read messages and commands until /quit or end of input."""
     interactive = sys.stdin.isatty()
-    stop = StopRequest()
+    stop, timings = StopRequest(), None
     if interactive:
         print("Type a message, /help for commands, /quit to leave.", file=sys.stderr)
     for line in lines if lines is not None else _read_lines(interactive):
@@ -85,15 +95,15 @@ def repl(session, args: argparse.Namespace, model, tokenizer, lines=None) -> int
         if not line:
             continue
         if line.startswith("/"):
-            session, done = command(line, session, args, model, tokenizer)
+            session, done = command(line, session, args, model, tokenizer, timings)
             if done:
                 break
             continue
-        reply(session, line, args, stop)
+        timings = reply(session, line, args, stop)
     return 0
 
 
-def command(line: str, session, args, model, tokenizer):
+def command(line: str, session, args, model, tokenizer, timings: Timings | None = None):
     """Run one slash command; return ``(session, quit?)``."""
     from ..persistence import SessionFileError
     from ..session import StreamingSession
@@ -105,14 +115,20 @@ def command(line: str, session, args, model, tokenizer):
     if name == "/help":
         print(HELP)
     elif name == "/stats":
-        print(json.dumps(session.stats_dict()))
+        print(stats_text(session.stats()))
+        if timings is not None:
+            print(timings.summary())
     elif name == "/reset":
         args.load = None
         session = make_session(args, model, tokenizer)
         print("[new conversation]")
     elif name == "/save":
+        folder = Path(argument).expanduser().parent
         if not argument:
             print("usage: /save PATH", file=sys.stderr)
+        elif not folder.is_dir():
+            print(f"error: cannot save to {argument}: the folder {folder} does not exist; create it first "
+                  "or pick another path (nothing was saved)", file=sys.stderr)  # fmt: skip
         else:
             print(f"[saved to {session.save(argument)}]")
     elif name == "/load":
@@ -124,6 +140,17 @@ def command(line: str, session, args, model, tokenizer):
     else:
         print(f"unknown command {name}; /help lists them", file=sys.stderr)
     return session, False
+
+
+def stats_text(stats) -> str:
+    """One human-readable line for :class:`~streaming_llm.session.SessionStats`."""
+    line = (
+        f"[turns {stats.turns} | seen {stats.seen_tokens:,} tokens | in cache {stats.cached_tokens:,} of "
+        f"{stats.capacity:,} | evicted {stats.evicted_tokens:,} | pinned {stats.pinned_tokens:,}"
+    )
+    if stats.summary_tokens:
+        line += f" | summary {stats.summary_tokens:,}"
+    return line + f" | cache {stats.cache_bytes / 2**20:.1f} MiB]"
 
 
 def _read_lines(interactive: bool):

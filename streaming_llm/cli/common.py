@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from typing import TYPE_CHECKING
 
-from ..generation import GenerationChunk
-from ..sampling import SamplingConfig
+if TYPE_CHECKING:  # torch and transformers are imported only when a command runs (fast --help)
+    from ..generation import GenerationChunk
+    from ..sampling import SamplingConfig
 
 
 def add_model_flags(parser: argparse.ArgumentParser, recent_size: int = 2000) -> None:
@@ -29,20 +32,52 @@ def add_model_flags(parser: argparse.ArgumentParser, recent_size: int = 2000) ->
     )  # fmt: skip
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, temperature: float = 0.0) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
-    group.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
-    group.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (1.0 = off)")
-    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+# Sampling defaults of chat, generate, ingest and demo, chosen by measurement on the embedded model
+# (docs/RESULTS.md, "Demo quality"); llama-cli samples by default too. --temperature 0 is greedy.
+SAMPLING_DEFAULTS = dict(
+    temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1, penalty_window=64,
+    dry_multiplier=0.0, dry_base=1.75, dry_allowed_length=2,
+)  # fmt: skip
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    d = SAMPLING_DEFAULTS
+    group = parser.add_argument_group("sampling (like llama-cli: sampled by default; --temperature 0 is greedy)")
+    group.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy; higher = more random")
+    group.add_argument("--top-k", type=int, default=d["top_k"], help="sample among the k most likely tokens (0 = off)")
+    group.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling threshold (1.0 = off)")
+    group.add_argument(
+        "--min-p", type=float, default=d["min_p"], help="drop tokens below this fraction of the top one (0 = off)"
+    )
+    group.add_argument(
+        "--repetition-penalty", type=float, default=d["repetition_penalty"],
+        help="divide the logits of tokens seen in the last --repeat-last-n tokens, except whitespace and "
+        "punctuation (1.0 = off)",
+    )  # fmt: skip
+    group.add_argument(
+        "--repeat-last-n", type=int, default=d["penalty_window"], help="window of the repetition penalty (tokens)"
+    )
+    group.add_argument(
+        "--dry-multiplier", type=float, default=d["dry_multiplier"],
+        help="DRY: penalise continuing a repeated sequence of tokens (0 = off)",
+    )  # fmt: skip
+    group.add_argument("--dry-base", type=float, default=d["dry_base"], help="DRY: growth per extra repeated token")
+    group.add_argument(
+        "--dry-allowed-length", type=int, default=d["dry_allowed_length"], help="DRY: repeats this long are free"
+    )
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+def sampling_config(args: argparse.Namespace, suppress_ids: tuple[int, ...] = ()) -> SamplingConfig:
+    """The :class:`SamplingConfig` of the sampling flags (raises ValueError on bad values)."""
+    from ..sampling import SamplingConfig
+
     return SamplingConfig(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, penalty_window=args.repeat_last_n,
+        dry_multiplier=args.dry_multiplier, dry_base=args.dry_base, dry_allowed_length=args.dry_allowed_length,
+        suppress_ids=suppress_ids, seed=args.seed,
     )  # fmt: skip
 
 
@@ -59,3 +94,38 @@ def status_line(piece: GenerationChunk) -> str:
         f"evicted {piece.evicted_tokens} | cache {piece.cache_bytes / 2**20:.1f} MiB | "
         f"{piece.tokens_per_second:.1f} tok/s]"
     )
+
+
+class Timings:
+    """Prompt and generation speed of one streamed generation, measured from its pieces (like llama.cpp).
+
+    Call :meth:`start` just before iterating, :meth:`see` on every piece; ``prompt_tokens`` are the tokens
+    fed before the first generated one (``seen_before`` is the cache's count when the call began).
+    """
+
+    def __init__(self, seen_before: int = 0):
+        self.seen_before = seen_before
+        self.began = self.first = self.last = 0.0
+        self.prompt_tokens = self.generated = 0
+
+    def start(self) -> None:
+        self.began = time.perf_counter()
+
+    def see(self, piece: GenerationChunk) -> None:
+        now = time.perf_counter()
+        if not self.first and piece.token_id is not None:
+            self.first = now
+            self.prompt_tokens = piece.seen_tokens - self.seen_before
+        self.last, self.generated = now, piece.generated
+
+    def summary(self) -> str:
+        """``prompt: N tokens, X tok/s | generated: M tokens, Y tok/s | first token after Z s``."""
+        if not self.first:
+            return "[timings: nothing generated]"
+        ttft = self.first - self.began
+        decode = self.last - self.first
+        rate = f"{(self.generated - 1) / decode:.1f} tok/s" if self.generated > 1 and decode > 0 else "n/a"
+        return (
+            f"[prompt: {self.prompt_tokens} tokens, {self.prompt_tokens / max(ttft, 1e-9):.1f} tok/s | "
+            f"generated: {self.generated} tokens, {rate} | time to first token: {ttft:.2f} s]"
+        )

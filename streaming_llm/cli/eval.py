@@ -17,14 +17,12 @@ from pathlib import Path
 
 from .common import add_model_flags, load
 
-DEFAULT_TEXT = Path(os.environ.get("STREAMING_LLM_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-DEFAULT_TEXT = DEFAULT_TEXT / "shakespeare.txt"
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate quality: perplexity by method, sweeps, recall, stability",
-        description="Evaluation on a long text (default: the shared Shakespeare). Writes JSON, CSV and PNG to --out.",
+        description="Evaluation on a long text (default: the complete works of Shakespeare shipped with the "
+        "package, public domain). Writes JSON, CSV and PNG to --out.",
     )  # fmt: skip
     commands = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
 
@@ -62,9 +60,30 @@ def add_parser(subparsers) -> None:
     stability.add_argument("--resume", action="store_true", help="continue from --state-dir")
     stability.set_defaults(run=run_stability)
 
+    demo = commands.add_parser(
+        "demo", help="how well long sampled generations read: recipes x seeds, streaming vs full cache",
+        description="Generate --tokens tokens from the demo prompt for each sampling recipe and seed, with the "
+        "demo's streaming window and with a cache that never evicts; score distinct word bigrams, longest word "
+        "and the model's own perplexity by token range. Writes demo_quality.json/.csv/.md to --out.",
+    )  # fmt: skip
+    demo.add_argument("--recipes", default="old,llama,dry", help="comma-separated names from eval/demo_quality.py")
+    demo.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (one batch row each)")
+    demo.add_argument("--tokens", type=int, default=1200, help="tokens generated per seed")
+    demo.add_argument("--span", type=int, default=300, help="tokens per scored range")
+    demo.add_argument(
+        "--caches", default="streaming,full",
+        help="streaming: the demo's window (--start-size + --recent-size); full: a cache that never evicts",
+    )  # fmt: skip
+    demo.add_argument("--out", type=Path, default=Path("results/demo-quality"), help="output folder")
+    add_model_flags(demo, recent_size=256)
+    demo.set_defaults(run=run_demo)
+
 
 def _common(parser: argparse.ArgumentParser, tokens: int) -> None:
-    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file (default: shared Shakespeare)")
+    parser.add_argument(
+        "--text", type=Path, default=None, metavar="FILE",
+        help="UTF-8 text file, or a .gz of one (default: the packaged complete works of Shakespeare)",
+    )  # fmt: skip
     parser.add_argument("--offset-chars", type=int, default=0, help="start this many characters into the text")
     parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens to evaluate (0 = all; default {tokens})")
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward when streaming")
@@ -74,9 +93,9 @@ def _common(parser: argparse.ArgumentParser, tokens: int) -> None:
 
 
 def _text(args: argparse.Namespace) -> str:
-    if not args.text.is_file():
-        raise FileNotFoundError(f"No text file at {args.text}; pass --text.")
-    return args.text.read_text(encoding="utf-8", errors="replace")[args.offset_chars :]
+    from ..data import read_text
+
+    return read_text(args.text)[args.offset_chars :]
 
 
 def _ids(args: argparse.Namespace, tokenizer):
@@ -103,7 +122,9 @@ def _meta(args: argparse.Namespace, model, seconds: float, tokens: int) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {device}",
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(model.dtype),
         "model": getattr(model.config, "_name_or_path", "") or "embedded SmolLM2-135M-Instruct",
-        "text": str(args.text), "offset_chars": args.offset_chars, "tokens": tokens, "seconds": round(seconds, 1),
+        "text": str(args.text or "packaged shakespeare.txt.gz") if hasattr(args, "text") else None,
+        "offset_chars": getattr(args, "offset_chars", 0), "tokens": tokens,
+        "seconds": round(seconds, 1),
     }  # fmt: skip
 
 
@@ -219,3 +240,70 @@ def run_stability(args: argparse.Namespace) -> int:
     for row in rows:
         print(row)
     return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from ..eval.demo_quality import RECIPES, generate_batch, score_ranges
+    from .generate import DEMO_PROMPT
+
+    model, tokenizer = load(args)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": DEMO_PROMPT}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = {"streaming": args.recent_size, "full": len(prompt_ids) + args.tokens}  # full: never evicts
+    caches = {}
+    for name in args.caches.split(","):
+        if name not in sizes:
+            raise ValueError(f"Unknown cache '{name}'; use streaming and/or full.")
+        caches[name] = sizes[name]
+    names = args.recipes.split(",")
+    for name in names:
+        if name not in RECIPES:
+            raise ValueError(f"Unknown recipe '{name}'; choose from {', '.join(RECIPES)}.")
+    began, runs, table = time.time(), [], []
+    for cache_name, recent in caches.items():  # all streaming runs first: they matter most
+        for name in names:
+            ids, logps, seconds = generate_batch(
+                model, tokenizer, prompt_ids, RECIPES[name], seeds, args.tokens, args.start_size, recent
+            )
+            for seed, seed_ids, seed_logps in zip(seeds, ids, logps, strict=True):
+                ranges = score_ranges(tokenizer, seed_ids, seed_logps, args.span)
+                runs.append({"recipe": name, "cache": cache_name, "seed": seed, "ranges": ranges,
+                             "text": tokenizer.decode(seed_ids)})  # fmt: skip
+            for i, rng in enumerate(runs[-1]["ranges"]):
+                rows = [r["ranges"][i] for r in runs[-len(seeds) :]]
+                table.append({
+                    "recipe": name, "cache": cache_name, "tokens": f"{rng['from_token']}-{rng['to_token']}",
+                    "distinct2_mean": round(sum(r["distinct2"] for r in rows) / len(rows), 3),
+                    "distinct2_min": min(r["distinct2"] for r in rows),
+                    "longest_word_max": max(r["longest_word"] for r in rows),
+                    "long_words": sum(r["long_words"] for r in rows),
+                    "self_ppl_mean": round(sum(r["self_ppl"] for r in rows) / len(rows), 2),
+                })  # fmt: skip
+            print(f"{name}/{cache_name}: {len(seeds)} x {args.tokens} tokens in {seconds:.0f} s", file=sys.stderr)
+            _write_demo(args, model, began, prompt_ids, caches, names, table, runs)  # after each run: partial results
+    return 0
+
+
+def _write_demo(args, model, began, prompt_ids, caches, names, table, runs) -> None:
+    from ..eval.demo_quality import RECIPES
+    from .generate import DEMO_PROMPT
+
+    payload = {
+        "meta": _meta(args, model, time.time() - began, args.tokens),
+        "prompt": DEMO_PROMPT, "prompt_tokens": len(prompt_ids), "recipes": {n: RECIPES[n] for n in names},
+        "cache": {"start_size": args.start_size, **{f"{k}_recent_size": v for k, v in caches.items()}},
+        "table": table, "runs": runs,
+    }  # fmt: skip
+    _write(args.out, "demo_quality", payload, table)
+    header = "| recipe | cache | tokens | distinct-2 mean (min) | longest word | words > 25 chars | self-ppl |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(
+            f"| {r['recipe']} | {r['cache']} | {r['tokens']} | {r['distinct2_mean']:.3f} ({r['distinct2_min']:.3f}) "
+            f"| {r['longest_word_max']} | {r['long_words']} | {r['self_ppl_mean']:.2f} |"
+        )
+    (args.out / "demo_quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr)

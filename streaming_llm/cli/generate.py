@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_flags, add_sampling_flags, load, sampling_config, status_line
+from .common import Timings, add_model_flags, add_sampling_flags, load, sampling_config, status_line
 from .interrupt import StopRequest
 
 DEMO_PROMPT = (
@@ -18,11 +18,13 @@ def add_parser(subparsers) -> None:
     gen = subparsers.add_parser(
         "generate", help="generate text from a prompt, streamed as it is produced",
         description="Generate text from a prompt, printed as it is produced. Runs far past the model's "
-        "context window in constant memory; Ctrl-C stops cleanly.",
+        "context window in constant memory; Ctrl-C stops cleanly. Ends with the cache statistics and the "
+        "timings (prompt tokens/s, generated tokens/s, time to first token) on stderr.",
     )  # fmt: skip
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default 256; 0 = endless)")
+    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (0 = endless)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="never stop at the end-of-text token")
     gen.add_argument(
         "--stats-every", type=int, default=0, help="print cache statistics every N tokens (0 = at the end)"
     )
@@ -32,32 +34,36 @@ def add_parser(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo", help="stream a long story far past the window, showing the cache staying flat",
-        description="Generate a long story with the embedded model and a small window (256 tokens), printing "
-        "tokens as they come and, every 128 tokens, the cache size: it stays flat while tokens are evicted.",
+        description="Generate a long story with the embedded model and a small window (4 sinks + 256 recent "
+        "tokens), printing tokens as they come and, every --stats-every tokens, the cache size: it stays flat "
+        "while tokens are evicted. The end-of-text token is ignored, so the story goes on.",
     )  # fmt: skip
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--max-tokens", type=int, default=1200, help="tokens to generate (default 1200; 0 = endless)")
-    demo.add_argument("--stats-every", type=int, default=128)
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help="what to ask for")
+    demo.add_argument("--max-tokens", type=int, default=1200, help="tokens to generate (0 = endless)")
+    demo.add_argument("--stats-every", type=int, default=128, help="print cache statistics every N tokens (0 = off)")
     add_model_flags(demo, recent_size=256)
-    add_sampling_flags(demo, temperature=0.8)
-    demo.set_defaults(run=run, raw=False, top_p=0.95, repetition_penalty=1.15, seed=0)
+    add_sampling_flags(demo)
+    demo.set_defaults(run=run, raw=False, ignore_eos=True, seed=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generation import stream_generate
+    from ..generation import eos_ids, stream_generate
 
     model, tokenizer = load(args)
     prompt = args.prompt
     if not args.raw and tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    suppress = tuple(sorted(eos_ids(model, tokenizer))) if args.ignore_eos else ()
     pieces = stream_generate(
         model, tokenizer, prompt, start_size=args.start_size, recent_size=args.recent_size,
-        max_new_tokens=args.max_tokens or None, sampling=sampling_config(args), stop=args.stop,
+        max_new_tokens=args.max_tokens or None, sampling=sampling_config(args, suppress), stop=args.stop,
     )  # fmt: skip
-    sizes, piece, stop = set(), None, StopRequest()
+    sizes, piece, stop, timings = set(), None, StopRequest(), Timings()
     with stop.catching():
+        timings.start()
         for piece in pieces:
+            timings.see(piece)
             sys.stdout.write(piece.text)
             sys.stdout.flush()
             sizes.add(piece.cache_bytes)
@@ -70,4 +76,5 @@ def run(args: argparse.Namespace) -> int:
         flat = "flat" if len(sizes) == 1 else f"{min(sizes) / 2**20:.1f}..{max(sizes) / 2**20:.1f} MiB"
         reason = piece.finish_reason or "interrupted"
         print(f"\n{status_line(piece)} cache memory: {flat}; finished: {reason}", file=sys.stderr)
+        print(timings.summary(), file=sys.stderr)
     return 0

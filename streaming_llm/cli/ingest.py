@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from .chat import add_session_flags, make_session, repl, reply
+from .chat import add_session_flags, make_session, repl, reply, stats_text
 from .common import load
 from .interrupt import StopRequest
 
@@ -16,10 +15,11 @@ def add_parser(subparsers) -> None:
         "ingest", help="feed a long text file chunk by chunk, then ask questions about it",
         description="Feed FILE through the streaming cache in chunks (progress bar, bounded memory; the result "
         "equals feeding it token by token), then answer --question(s), or questions read from stdin. Only "
-        "the sinks and the last --recent-size tokens are remembered (plus a summary with --memory).",
+        "the sinks and the last --recent-size tokens are remembered (plus a summary with --memory). The progress "
+        "bar shows the bytes read of the file's size, the rate and the time left.",
     )  # fmt: skip
     ingest.add_argument("file", help="text file to read")
-    ingest.add_argument("--chunk-size", type=int, default=512, help="tokens per forward (default 512)")
+    ingest.add_argument("--chunk-size", type=int, default=512, help="tokens per forward")
     ingest.add_argument("--question", "-q", action="append", default=[], help="question to ask (repeatable)")
     add_session_flags(ingest)
     ingest.set_defaults(run=run)
@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     session = make_session(args, model, tokenizer)
     stats = session.ingest(args.file, chunk_size=args.chunk_size, progress=True)
     print(
-        f"[ingested {stats.tokens} tokens in {stats.seconds:.1f} s ({stats.tokens_per_second:.0f} tok/s); "
-        f"{json.dumps(session.stats_dict())}]",
+        f"[ingested {stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.tokens_per_second:.0f} tok/s)]\n"
+        f"{stats_text(session.stats())}",
         file=sys.stderr,
     )
     if args.question:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from .common import add_model_flags, load
@@ -15,7 +16,7 @@ def add_parser(subparsers) -> None:
         "feed only their new message (history is never re-processed); memory is bounded by --max-sessions "
         "fixed-size caches. Needs: pip install 'streaming-llm[server]'.",
     )  # fmt: skip
-    from ..server import add_server_flags
+    from ..server_config import add_server_flags
 
     add_server_flags(serve)
     add_model_flags(serve)
@@ -28,8 +29,23 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
         print("error: the server needs FastAPI and uvicorn: pip install 'streaming-llm[server]'", file=sys.stderr)
         return 2
+    check_port(args.host, args.port)  # before importing torch and loading the model, which take a while
     from ..server import serve
 
     model, tokenizer = load(args)
     serve(args, model, tokenizer)
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise ValueError with a clear message if ``host:port`` cannot be listened on (e.g. already in use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}); the port is probably in use by another "
+                "server: stop it or pass --port with a free port"
+            ) from None
