@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("STREAMING_LLM_DATA", HERE.parents[1] / "shared" / "data")) / "shakespeare.txt"
 METHODS = ("streaming", "streaming-compiled", "dynamic")
 
 
@@ -43,7 +42,9 @@ def worker(method: str, checkpoints: list[int], decode: int, threads: int) -> li
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model(device="cpu", dtype="float32")
-    text = DATA.read_text(encoding="utf-8")[:400_000]
+    from streaming_llm.data import read_text
+
+    text = read_text()[:400_000]
     ids = torch.tensor(tokenizer(text)["input_ids"][: max(checkpoints) + 1])
     streaming = method.startswith("streaming")
     if streaming:

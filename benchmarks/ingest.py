@@ -114,9 +114,9 @@ def main() -> None:
         from streaming_llm.loading import load_model
 
         model, tokenizer = load_model(device=str(device), dtype="float32")
-        from streaming_llm.eval.data import default_text
+        from streaming_llm.data import read_text
 
-        text = default_text()
+        text = read_text()
         ids = torch.tensor(tokenizer(text[: 6 * max(args.checkpoints + args.baseline)])["input_ids"], device=device)
     else:
         config = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
