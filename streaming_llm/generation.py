@@ -52,15 +52,38 @@ class GenerationChunk:
     finish_reason: str | None = None
 
 
+def auto_chunk_size(model: PreTrainedModel, cache: StreamingCache) -> int:
+    """Prefill chunk size from free memory: on CUDA the largest power of two (256..8192) whose activations
+    (about ``24 * hidden_size`` bytes per token per layer in flight, plus the banded working set) fit in a
+    quarter of the free device memory; on the CPU 512 (larger chunks gain nothing on few cores)."""
+    if model.device.type != "cuda":
+        return PREFILL_CHUNK
+    free, _ = torch.cuda.mem_get_info(model.device)
+    hidden = model.config.hidden_size
+    per_token = 24 * hidden * model.dtype.itemsize + 4 * model.config.num_attention_heads * cache.window.capacity
+    size = 8192
+    while size > 256 and size * per_token > free // 4:
+        size //= 2
+    return size
+
+
 @torch.no_grad()
 def prefill(
-    model: PreTrainedModel, cache: StreamingCache, ids: list[int] | torch.Tensor, chunk_size: int = PREFILL_CHUNK,
+    model: PreTrainedModel, cache: StreamingCache, ids: list[int] | torch.Tensor, chunk_size: int | None = None,
     progress: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """Feed ``ids`` through ``cache`` in chunks; return the logits (vocab,) after the last one."""
+    """Feed ``ids`` through ``cache`` in chunks; return the logits (vocab,) after the last one.
+
+    Args:
+        chunk_size: Tokens per forward; None picks one from free memory (:func:`auto_chunk_size`).
+    """
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(model.device)
     if ids.shape[1] == 0:
         raise ValueError("Nothing to feed: the token list is empty.")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(model, cache)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     logits = None
     with tqdm(total=ids.shape[1], unit="tok", desc="prefill", disable=not progress, leave=False) as bar:
         for chunk in ids.split(chunk_size, dim=1):
@@ -141,7 +164,7 @@ def stream_generate(
     max_new_tokens: int | None = 256,
     sampling: SamplingConfig | None = None,
     stop: list[str] | tuple[str, ...] = (),
-    prefill_chunk: int = PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate text as it is produced, far past the model's context, in constant memory.
 
@@ -155,7 +178,7 @@ def stream_generate(
         max_new_tokens: Stop after this many tokens; None generates until EOS or a stop string.
         sampling: Greedy by default.
         stop: Strings that end generation (not included in the output).
-        prefill_chunk: Prompt tokens per forward.
+        prefill_chunk: Prompt tokens per forward (None: chosen from free memory).
 
     Yields:
         :class:`GenerationChunk` pieces; the last one has ``finish_reason`` set.

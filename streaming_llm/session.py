@@ -23,7 +23,7 @@ from .architectures import describe
 from .attention import install
 from .cache import StreamingCache
 from .chat_template import IncrementalChatTemplate
-from .generation import PREFILL_CHUNK, GenerationChunk, _stream, check_max_new_tokens, prefill
+from .generation import GenerationChunk, _stream, auto_chunk_size, check_max_new_tokens, prefill
 from .memory import HybridMemory
 from .persistence import SessionFileError, read_session_file, write_session_file
 from .sampling import Sampler, SamplingConfig
@@ -107,9 +107,9 @@ class StreamingSession:
         pin_system_prompt: bool = True,
         sampling: SamplingConfig | None = None,
         memory: HybridMemory | None = None,
-        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
     ):
-        if prefill_chunk < 1:
+        if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         install(model)
         self.model, self.tokenizer = model, tokenizer
@@ -153,10 +153,11 @@ class StreamingSession:
     def feed(self, ids: list[int]) -> torch.Tensor:
         """Feed token ids into the cache (never re-processed); return the next-token logits (vocab,)."""
         self._check_usable()
-        for chunk_start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[chunk_start : chunk_start + self.prefill_chunk]
+        size = self.prefill_chunk or auto_chunk_size(self.model, self.cache)  # None: chosen from free memory
+        for chunk_start in range(0, len(ids), size):
+            chunk = ids[chunk_start : chunk_start + size]
             try:
-                self.last_logits = prefill(self.model, self.cache, chunk, self.prefill_chunk)
+                self.last_logits = prefill(self.model, self.cache, chunk, size)
             except BaseException as error:
                 self.broken = f"a forward failed while feeding tokens ({type(error).__name__}: {error})"
                 raise
@@ -271,7 +272,7 @@ class StreamingSession:
         self.feed(extra + self._tokens(self.template.assistant_tail(content)))
         self.turns += 1
 
-    def ingest(self, source: str | os.PathLike, chunk_size: int = PREFILL_CHUNK, progress: bool = True) -> IngestStats:
+    def ingest(self, source: str | os.PathLike, chunk_size: int | None = None, progress: bool = True) -> IngestStats:
         """Feed a long document (text, or a path to a text file) as a user message, chunk by chunk.
 
         Memory stays bounded (the file is read and tokenized in blocks; the cache is fixed) and the
@@ -279,8 +280,8 @@ class StreamingSession:
         """
         import time
 
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an int >= 1 (or None: chosen from free memory), got {chunk_size!r}")
         before, after = self.template.split("user")
         began, fed = time.perf_counter(), 0
         previous_chunk, self.prefill_chunk = self.prefill_chunk, chunk_size
@@ -295,7 +296,8 @@ class StreamingSession:
                     ids = self._tokens(block)
                     self.feed(ids)
                     fed += len(ids)
-                    bar.set_postfix_str(f"{fed:,} tokens", refresh=False)
+                    rate = fed / max(time.perf_counter() - began, 1e-9)
+                    bar.set_postfix_str(f"{fed:,} tokens, {rate:,.0f} tok/s", refresh=False)
                     bar.update(len(block.encode("utf-8")))
             self.feed(self._tokens(after))
         finally:

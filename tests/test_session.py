@@ -119,6 +119,26 @@ def test_save_and_load_continue_with_identical_logits(model, tokenizer, tmp_path
     torch.testing.assert_close(restored.last_logits, session.last_logits, atol=1e-6, rtol=0)
 
 
+def test_session_file_is_sized_by_content(model, tokenizer, tmp_path):
+    """A short chat on a large window saves what the cache holds, not its preallocated buffer."""
+    session = StreamingSession(model, tokenizer, SYSTEM, recent_size=2000)
+    while session.cache.seen_tokens < 150:
+        session.chat("Tell me about caches.", max_new_tokens=20)
+    seen = session.cache.seen_tokens
+    config = model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # K and V, fp32
+    path = session.save(tmp_path / "short.safetensors")
+    # Fixed part: the JSON header (identity, counters, template and sampler state) and the saved next-token
+    # logits (vocab floats, so a restored session continues exactly), whatever the stream length.
+    header = 64 * 1024 + config.vocab_size * 4
+    assert path.stat().st_size <= 2 * seen * per_token + header
+    assert path.stat().st_size < session.cache.nbytes / 4  # the preallocated cache is far larger
+    restored = StreamingSession.load(path, model, tokenizer)
+    torch.testing.assert_close(restored.last_logits, session.last_logits, atol=0, rtol=0)
+    ids = tokenizer("And then?", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(restored.feed(ids), session.feed(ids), atol=0, rtol=0)
+
+
 def test_save_is_atomic(model, tokenizer, tmp_path, monkeypatch):
     session = StreamingSession(model, tokenizer, SYSTEM, recent_size=40)
     path = session.save(tmp_path / "chat.safetensors")

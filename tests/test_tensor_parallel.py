@@ -6,6 +6,7 @@ rank, so results must equal the single-process run. (The 2-GPU run is in the REA
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,15 @@ def test_bench_command_runs_tensor_parallel():
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"tp": 2' in result.stdout and '"tokens_identical_on_all_ranks": true' in result.stdout
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    single = [r for r in rows if r["tp"] == 1]  # the single-device row of the same run, beside the 2-rank one
+    assert len(single) == 1 and single[0]["cache_mib"] == 2 * next(r for r in rows if r["tp"] == 2)["cache_mib"]
+
+
+def test_bench_random_model_runs_on_one_device():
+    """A saved random model has no tokenizer; the single-device bench must not ask for one."""
+    command = [sys.executable, "-m", "streaming_llm.cli", "bench", "--random", "tiny", "--contexts", "64",
+               "--decode", "4", "--chunk", "32", "--recent-size", "40", "--device", "cpu"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"tp": 1' in result.stdout

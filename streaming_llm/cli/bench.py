@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .common import add_model_flags
 
@@ -70,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if args.random:
         args.model = _random_model(args)
     if args.tp > 1 and "RANK" not in os.environ:
-        return _relaunch(args)
+        code = _relaunch(args)
+        if code == 0:  # the single-device row of the same run, measured after the ranks released the GPUs
+            print(f"single device (same run, for comparison with --tp {args.tp}):", file=sys.stderr)
+            code = _measure(args)
+        return code
     return _measure(args)
 
 
@@ -123,6 +128,11 @@ def _measure(args: argparse.Namespace) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = pick_dtype(args.dtype, device)
         model = AutoModelForCausalLM.from_pretrained(resolve(args.model), tp_plan="auto", dtype=dtype).eval()
+    elif not (Path(resolve(args.model)) / "tokenizer_config.json").exists() and Path(resolve(args.model)).is_dir():
+        # A saved random model (--random) has weights and a config but no tokenizer; none is needed here.
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = AutoModelForCausalLM.from_pretrained(resolve(args.model), dtype=pick_dtype(args.dtype, device))
+        model = model.to(device).eval()
     else:
         model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
     install(model)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import Timings, add_model_flags, add_sampling_flags, load, sampling_config
+from .common import Timings, add_model_flags, add_sampling_flags, load, non_negative_int, sampling_config
 from .interrupt import StopRequest
 
 HELP = """commands:
@@ -33,7 +33,9 @@ def add_session_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("conversation")
     group.add_argument("--system", default=None, help="system prompt")
     group.add_argument("--no-pin-system", action="store_true", help="let the system prompt be evicted too")
-    group.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (0 = no limit)")
+    group.add_argument(
+        "--max-tokens", type=non_negative_int, default=512, help="longest reply in tokens (0 = no limit)"
+    )
     group.add_argument(
         "--verbose", "-v", action="store_true",
         help="print the timings after each reply (prompt tok/s, generated tok/s, time to first token)",

@@ -129,3 +129,14 @@ class Timings:
             f"[prompt: {self.prompt_tokens} tokens, {self.prompt_tokens / max(ttft, 1e-9):.1f} tok/s | "
             f"generated: {self.generated} tokens, {rate} | time to first token: {ttft:.2f} s]"
         )
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a usage error otherwise, before any model is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 means no limit), got {value}")
+    return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import Timings, add_model_flags, add_sampling_flags, load, sampling_config, status_line
+from .common import Timings, add_model_flags, add_sampling_flags, load, non_negative_int, sampling_config, status_line
 from .interrupt import StopRequest
 
 DEMO_PROMPT = (
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
         "timings (prompt tokens/s, generated tokens/s, time to first token) on stderr.",
     )  # fmt: skip
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (0 = endless)")
+    gen.add_argument("--max-tokens", type=non_negative_int, default=256, help="tokens to generate (0 = endless)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="never stop at the end-of-text token")
     gen.add_argument(
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
         "while tokens are evicted. The end-of-text token is ignored, so the story goes on.",
     )  # fmt: skip
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="what to ask for")
-    demo.add_argument("--max-tokens", type=int, default=1200, help="tokens to generate (0 = endless)")
+    demo.add_argument("--max-tokens", type=non_negative_int, default=1200, help="tokens to generate (0 = endless)")
     demo.add_argument("--stats-every", type=int, default=128, help="print cache statistics every N tokens (0 = off)")
     add_model_flags(demo, recent_size=256)
     add_sampling_flags(demo)

@@ -19,7 +19,9 @@ def add_parser(subparsers) -> None:
         "bar shows the bytes read of the file's size, the rate and the time left.",
     )  # fmt: skip
     ingest.add_argument("file", help="text file to read")
-    ingest.add_argument("--chunk-size", type=int, default=512, help="tokens per forward")
+    ingest.add_argument(
+        "--chunk-size", type=int, default=None, help="tokens per forward (default: chosen from free memory; 512 on CPU)"
+    )
     ingest.add_argument("--question", "-q", action="append", default=[], help="question to ask (repeatable)")
     add_session_flags(ingest)
     ingest.set_defaults(run=run)
