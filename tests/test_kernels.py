@@ -97,11 +97,14 @@ cases = st.fixed_dictionaries(
 
 
 def realistic(case):
-    """Stream indices start at 0; pinned-sink layout only with sinks (a query must see a key)."""
+    """Stream indices start at 0; pinned-sink layout only with sinks (a query must see a key), and no more
+    sinks than tokens seen by the chunk's end."""
     case["query_first"] = max(case["query_first"], case["extra"])
     if case["sinks_pinned"]:
         case["n_sinks"] = max(case["n_sinks"], 1)
         case["query_first"] = min(case["query_first"], case["n_sinks"] + case["window"])
+        # Only tokens seen so far can be sinks: a chunk that ends inside the sinks holds fewer.
+        case["n_sinks"] = min(case["n_sinks"], case["query_first"] + case["q_len"])
     return case
 
 
