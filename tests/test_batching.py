@@ -9,7 +9,6 @@ import threading
 
 import httpx
 import pytest
-import torch
 from conftest import tiny_llama
 from test_server import WINDOW, Served, chat, tiny_dir  # noqa: F401 (fixture)
 
@@ -17,6 +16,7 @@ from streaming_llm import StreamingSession
 from streaming_llm.engine import BatchingEngine, Done, Job
 from streaming_llm.generation import GenerationChunk
 from streaming_llm.server import ChatRequest, Limits, Server, parse_body
+from streaming_llm.store import SessionStore
 
 TURNS = {
     "a": ["Tell me about apples.", "And pears?", "And plums?"],
@@ -47,12 +47,12 @@ def run_sessions(server: Server, max_tokens: int) -> dict[str, list[list[int]]]:
     return asyncio.run(main())
 
 
-def test_three_interleaved_sessions_batched_equal_the_plain_engine(tokenizer):
+def test_three_interleaved_sessions_batched_equal_the_plain_engine(tokenizer, tmp_path):
     model = tiny_llama(vocab_size=len(tokenizer))
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     kwargs = dict(name="x", start_size=4, recent_size=24, max_sessions=8, state_dir=None, limits=Limits())
     plain = run_sessions(Server(model, tokenizer, **kwargs), max_tokens=12)
-    batched_server = Server(model, tokenizer, **kwargs, batch_rows=4)
+    batched_server = Server(model, tokenizer, **kwargs | {"state_dir": tmp_path}, batch_rows=4)
     batched = run_sessions(batched_server, max_tokens=12)
     engine = batched_server.engine
     assert isinstance(engine, BatchingEngine)
@@ -64,6 +64,10 @@ def test_three_interleaved_sessions_batched_equal_the_plain_engine(tokenizer):
     assert engine.batched_tokens > engine.batched_steps > 0  # several sessions did share forwards
     assert sum(len(ids) for turns in plain.values() for ids in turns) > 3 * 12  # windows were crossed
     assert batched_server.slots is not None and not batched_server.slots.live  # every row given back
+    # The turn saved from a row restores and continues like the session that never left one process.
+    restored = SessionStore(model, tokenizer, 2, tmp_path).get("c").session
+    assert restored.cache.seen_tokens == alone.cache.seen_tokens
+    assert restored.chat("One more.", 12) == alone.chat("One more.", 12)
 
 
 def test_four_concurrent_clients_through_uvicorn_with_batch_rows(tiny_dir):  # noqa: F811
@@ -99,11 +103,7 @@ def test_four_concurrent_clients_through_uvicorn_with_batch_rows(tiny_dir):  # n
         assert results[i] == [session.chat(f"{t} ({i})", max_new_tokens=16) for t in turns]
 
 
-@pytest.mark.parametrize("rows", [-1])
-def test_negative_batch_rows_is_refused(tokenizer, rows):
+def test_negative_batch_rows_is_refused(tokenizer):
     with pytest.raises(ValueError, match="batch_rows must be >= 0"):
         Server(tiny_llama(), tokenizer, name="x", start_size=4, recent_size=24, max_sessions=2, state_dir=None,
-               limits=Limits(), batch_rows=rows)  # fmt: skip
-
-
-del torch
+               limits=Limits(), batch_rows=-1)  # fmt: skip
