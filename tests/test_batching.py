@@ -13,7 +13,7 @@ from conftest import tiny_llama
 from test_server import WINDOW, Served, chat, tiny_dir  # noqa: F401 (fixture)
 
 from streaming_llm import StreamingSession
-from streaming_llm.engine import BatchingEngine, Done, Job
+from streaming_llm.engine import BatchingEngine, Done, Job, JobCancelled
 from streaming_llm.generation import GenerationChunk
 from streaming_llm.server import ChatRequest, Limits, Server, parse_body
 from streaming_llm.store import SessionStore
@@ -107,3 +107,33 @@ def test_negative_batch_rows_is_refused(tokenizer):
     with pytest.raises(ValueError, match="batch_rows must be >= 0"):
         Server(tiny_llama(), tokenizer, name="x", start_size=4, recent_size=24, max_sessions=2, state_dir=None,
                limits=Limits(), batch_rows=-1)  # fmt: skip
+
+
+def test_a_cancelled_batched_reply_gives_its_row_back_and_the_session_continues(tokenizer):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    server = Server(model, tokenizer, name="x", start_size=4, recent_size=24, max_sessions=4, state_dir=None,
+                    limits=Limits(), batch_rows=2)  # fmt: skip
+
+    def body(max_tokens: int) -> ChatRequest:
+        return parse_body(json.dumps({"model": "x", "messages": [{"role": "user", "content": "Go on."}],
+                                      "max_tokens": max_tokens}).encode(), ChatRequest)  # fmt: skip
+
+    async def main():
+        long = server.engine.submit(Job("x", lambda: server.chat_work(body(200), "x", True)))
+        other = server.engine.submit(Job("y", lambda: server.chat_work(body(200), "y", True)))
+        seen = 0
+        async for event in long.events():
+            seen += 1
+            if seen == 5:
+                long.cancel("client disconnected")
+            last = event
+        again = server.engine.submit(Job("x", lambda: server.chat_work(body(4), "x", True)))
+        ends = [last, [e async for e in other.events()][-1], [e async for e in again.events()][-1]]
+        server.engine.shutdown()
+        return ends
+
+    cancelled, done_other, done_again = asyncio.run(main())
+    assert isinstance(cancelled, JobCancelled)
+    assert isinstance(done_other, Done) and isinstance(done_again, Done)
+    assert not server.slots.live  # no row leaked
+    assert server.store.live["x"].session.turns == 2  # the cancelled turn was closed, then one more
