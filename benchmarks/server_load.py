@@ -7,6 +7,7 @@ command that produced them.
 
     python benchmarks/server_load.py --sessions 8 32 --turns 10 --max-tokens 16 \
         --model /path/to/model-dir --out benchmarks/results/server_load_cpu.json
+    python benchmarks/server_load.py --sessions 8 --turns 3 --batch-rows 0 8 --system '' ...
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import openai
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, batch_rows: int = 0) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "streaming_llm.cli", "serve", "--port", str(port), "--recent-size",
                str(args.recent_size), "--max-sessions", str(max(args.sessions)), "--max-queue",
-               str(max(args.sessions) * 2), "--device", "cpu"]  # fmt: skip
+               str(max(args.sessions) * 2), "--device", "cpu", "--batch-rows", str(batch_rows)]  # fmt: skip
     if args.model:
         command += ["--model", args.model]
     if args.state_dir:
@@ -55,7 +56,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start")
 
 
-def run(url: str, sessions: int, turns: int, max_tokens: int, tag: str) -> dict:
+def run(url: str, sessions: int, turns: int, max_tokens: int, tag: str, system: str) -> dict:
     latencies, first_tokens, tokens, errors = [], [], [0], []
     lock = threading.Lock()
 
@@ -63,8 +64,8 @@ def run(url: str, sessions: int, turns: int, max_tokens: int, tag: str) -> dict:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         for turn in range(turns):
             messages = [{"role": "user", "content": f"Session {index}, turn {turn}: tell me something new."}]
-            if turn == 0:
-                messages.insert(0, {"role": "system", "content": "You are a helpful assistant."})
+            if turn == 0 and system:
+                messages.insert(0, {"role": "system", "content": system})
             began, first, count = time.perf_counter(), None, 0
             try:
                 stream = client.chat.completions.create(
@@ -113,24 +114,46 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--recent-size", type=int, default=256)
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="serve with each of these --batch-rows values in turn (0: no batching)",
+    )
+    parser.add_argument(
+        "--system",
+        default="You are a helpful assistant.",
+        help="system prompt of each session's first turn ('' for none; a system prompt longer "
+        "than the server's --start-size is pinned whole, and such sessions decode alone)",
+    )
     parser.add_argument("--state-dir", default=None, help="serve with durable sessions (every turn saved)")
     parser.add_argument("--label", default="", help="free text saved with the results (e.g. the model)")
     parser.add_argument("--out", default="benchmarks/results/server_load.json")
     args = parser.parse_args()
-    process, url = (None, args.url) if args.url else start_server(args)
-    try:
-        results = []
-        for n in args.sessions:
-            result = run(url, n, args.turns, args.max_tokens, tag=f"load{n}-{int(time.time())}")
-            print(json.dumps(result), flush=True)
-            results.append(result)
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(30)
+    results = []
+    for rows in [None] if args.url else args.batch_rows:
+        process, url = (None, args.url) if args.url else start_server(args, rows)
+        try:
+            for n in args.sessions:
+                result = run(url, n, args.turns, args.max_tokens, tag=f"load{n}-{int(time.time())}", system=args.system)
+                health = httpx.get(url + "/health", timeout=30).json()
+                result |= {
+                    "batch_rows": rows,
+                    "batched_steps": health.get("batched_steps"),
+                    "batched_tokens": health.get("batched_tokens"),
+                }  # fmt: skip (cumulative per server)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+        finally:
+            if process is not None:
+                process.terminate()
+                process.wait(30)
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "label": args.label,
-        "engine": "single worker, sessions interleaved token by token (no batching)",
+        "engine": "single worker; batch_rows 0: sessions interleaved token by token, one forward each; batch_rows "
+                  "N: up to N sessions' tokens decoded together in one batched forward (prompts fed per session)",
+        "system_prompt": args.system,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_1m_at_end": os.getloadavg()[0]},
         "results": results,

@@ -116,6 +116,7 @@ class Engine:
         self._count = 0  # tickets submitted and not finished
         self._stopping = False
         self._all: set[Ticket] = set()
+        self._last: dict[Ticket, object] = {}  # each running job's latest event (worker thread only)
         self._thread = threading.Thread(target=self._run, name="streaming-llm-engine", daemon=True)
         self._thread.start()
 
@@ -176,15 +177,29 @@ class Engine:
                 running[ticket] = None
                 if sid is not None:
                     busy.add(sid)
-            # One step of every running job, round robin.
-            for ticket in list(running):
-                event, ended = self._step(ticket, running)
-                if ended:
-                    del running[ticket]
-                    if ticket.job.session_id is not None:
-                        busy.discard(ticket.job.session_id)
-                    self._finish(ticket)  # counted as finished before its last event is seen
-                ticket._put(event)
+            self._step_all(running, busy)
+
+    def _step_all(self, running: dict, busy: set[str]) -> None:
+        """One step of every running job, round robin."""
+        for ticket in list(running):
+            self._advance(ticket, running, busy)
+
+    def _advance(self, ticket: Ticket, running: dict, busy: set[str]) -> None:
+        event, ended = self._step(ticket, running)
+        if ended:
+            del running[ticket]
+            if ticket.job.session_id is not None:
+                busy.discard(ticket.job.session_id)
+            self._finish(ticket)  # counted as finished before its last event is seen
+        ticket._put(event)
+        self._last[ticket] = event
+        if ended:
+            self._last.pop(ticket, None)
+
+    def _ending(self, ticket: Ticket) -> bool:
+        """Whether the job's next step ends it (cancelled, or past its deadline)."""
+        deadline = ticket.job.deadline
+        return ticket.cancelled.is_set() or (deadline is not None and time.monotonic() > deadline)
 
     def _step(self, ticket: Ticket, running: dict) -> tuple[object, bool]:
         """Advance one job by one step: ``(event, ended)``; an ended job's event is its final one."""
@@ -219,3 +234,58 @@ class Engine:
         with self._lock:
             self._count -= 1
             self._all.discard(ticket)
+
+
+class BatchingEngine(Engine):
+    """Continuous batching: every iteration, the jobs about to feed one sampled token to a row of
+    ``decoder.cache`` (a :class:`~streaming_llm.slots.SlotCache`) are fed together in one batched
+    forward; then every job takes its step as in :class:`Engine` (prompt feeding stays per job, each
+    session samples its own row's logits). The work runs a session on row ``b`` of that cache
+    (``cache.row(b)`` as its cache) and records ``engine.rows[session_id] = b`` while it does; tokens for
+    other caches are fed one job at a time as before.
+
+    Args:
+        decoder: The :class:`~streaming_llm.slots.BatchedDecoder` over the rows.
+        max_queue: As in :class:`Engine`.
+    """
+
+    def __init__(self, decoder, max_queue: int = 64):
+        self.decoder = decoder
+        self.batched_steps = self.batched_tokens = 0  # batched forwards, and tokens they fed
+        self.rows: dict[str | None, int] = {}  # session id -> its row while a job of it runs (set by the work)
+        super().__init__(max_queue)
+
+    def _step_all(self, running: dict, busy: set[str]) -> None:
+        from .generation import HANDOFF, GenerationChunk
+
+        # Jobs that end now never feed their pending token (as in Engine): end them first.
+        for ticket in [t for t in running if self._ending(t)]:
+            self._advance(ticket, running, busy)
+        cache = self.decoder.cache
+        tokens: dict[int, int] = {}
+        for ticket in running:
+            event = self._last.get(ticket)
+            if not isinstance(event, GenerationChunk) or event.finish_reason or event.token_id is None:
+                continue  # the next step feeds a prompt, or ends the reply: no sampled token to feed
+            b = self.rows.get(ticket.job.session_id)
+            if b is None or b in cache.free:
+                continue
+            row = cache.row(b)
+            pending = HANDOFF.pending.get(id(row))
+            if pending is not None and pending[0] is row and pending[1] == event.token_id:
+                tokens[b] = pending[1]
+        if tokens:
+            self.batched_steps += 1
+            self.batched_tokens += len(tokens)
+            try:
+                logits = self.decoder(tokens)
+                results: dict[int, object] = {b: logits[b].clone() for b in tokens}
+            except Exception as error:  # every row of the step may be half-updated: its sessions break
+                log.exception("a batched decode step failed")
+                results = dict.fromkeys(tokens, error)
+            for b, result in results.items():
+                HANDOFF.ready[id(cache.row(b))] = (cache.row(b), result)
+        try:
+            super()._step_all(running, busy)
+        finally:
+            HANDOFF.ready.clear()

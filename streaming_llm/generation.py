@@ -129,6 +129,23 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[i
     return ids
 
 
+class DecodeHandoff:
+    """Where :func:`generate_tokens` tells a batching engine which token it feeds next, and gets the result.
+
+    ``pending[id(cache)] = (cache, token)`` while a generator is suspended and will feed ``token`` to
+    ``cache`` as soon as it is resumed; an engine that fed it already (in a batched forward) puts
+    ``ready[id(cache)] = (cache, logits (vocab,) or the exception the forward raised)`` before resuming
+    it. Used from the engine's one worker thread only.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[StreamingCache, int]] = {}
+        self.ready: dict[int, tuple[StreamingCache, torch.Tensor | BaseException]] = {}
+
+
+HANDOFF = DecodeHandoff()
+
+
 def generate_tokens(
     model: PreTrainedModel,
     cache: StreamingCache,
@@ -144,13 +161,26 @@ def generate_tokens(
     the last one never is (callers that keep the conversation going feed it themselves).
     """
     count = 0
-    while True:
-        token = sampler(logits)
-        count += 1
-        yield token
-        if token in stop_ids or (max_new_tokens is not None and count >= max_new_tokens):
-            return
-        logits = decode_step(model, cache, token)
+    try:
+        while True:
+            token = sampler(logits)
+            count += 1
+            last = token in stop_ids or (max_new_tokens is not None and count >= max_new_tokens)
+            if not last:
+                HANDOFF.pending[id(cache)] = (cache, token)  # fed when resumed (a batching engine may do it)
+            yield token
+            if last:
+                return
+            HANDOFF.pending.pop(id(cache), None)
+            ready = HANDOFF.ready.pop(id(cache), None)
+            if ready is not None and ready[0] is cache:
+                if isinstance(ready[1], BaseException):
+                    raise ready[1]
+                logits = ready[1]
+            else:
+                logits = decode_step(model, cache, token)
+    finally:
+        HANDOFF.pending.pop(id(cache), None)
 
 
 def stream_generate(

@@ -43,12 +43,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .engine import Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
+from .attention import install
+from .cache import StreamingCache
+from .engine import BatchingEngine, Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
 from .generation import GenerationChunk, stream_generate
 from .persistence import SessionFileError
 from .sampling import SamplingConfig
 from .server_config import Limits
 from .session import SessionBrokenError, StreamingSession
+from .slots import BatchedDecoder, SlotCache
 from .store import Live, SessionStore, chain
 
 log = logging.getLogger(__name__)
@@ -213,10 +216,18 @@ class Server:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str, start_size: int,
                  recent_size: int, max_sessions: int, state_dir: str | os.PathLike | None, limits: Limits,
-                 engine: Engine | None = None):  # fmt: skip
+                 engine: Engine | None = None, batch_rows: int = 0):  # fmt: skip
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.start_size, self.recent_size, self.limits = start_size, recent_size, limits
         self.store = SessionStore(model, tokenizer, max_sessions, state_dir)
+        self.slots: SlotCache | None = None
+        if batch_rows < 0:
+            raise ValueError(f"batch_rows must be >= 0 (0: no batching), got {batch_rows}.")
+        if batch_rows and engine is None:
+            install(model)
+            self.slots = SlotCache(model.config, batch_rows, start_size, recent_size, dtype=model.dtype,
+                                   device=model.device)  # fmt: skip
+            engine = BatchingEngine(BatchedDecoder(model, self.slots), max_queue=limits.max_queue)
         self.engine = engine or Engine(max_queue=limits.max_queue)
         self.resumed = 0  # requests that continued a session already in memory or on disk
 
@@ -239,9 +250,47 @@ class Server:
         found = self.store.find_by_digest(digest) if len(messages) > 1 else None
         return found or f"session-{uuid.uuid4().hex}"
 
+    def _borrow_row(self, live: Live) -> int | None:
+        """With batching: move the session's cache into a free row of the slot cache (None: it decodes alone,
+        e.g. all rows are taken or its system prompt is pinned beyond ``start_size``)."""
+        cache = live.session.cache
+        slots = self.slots
+        if slots is None or not slots.free or live.session.memory is not None:
+            return None
+        if (cache.start_size, cache.recent_size, cache.segment_capacity) != (
+            slots.start_size, slots.recent_size, slots.segment_capacity
+        ):  # fmt: skip
+            return None
+        b = slots.assign(state=cache.state() if cache.seen_tokens else None)
+        live.session.cache = slots.row(b)
+        self.engine.rows[live.id] = b
+        return b
+
+    def _return_row(self, live: Live, b: int | None) -> None:
+        """Move the session's cache out of row ``b`` (back to its own cache) and free the row."""
+        if b is None or self.slots is None:
+            return
+        self.engine.rows.pop(live.id, None)
+        slots, row = self.slots, self.slots.row(b)
+        try:
+            if row.seen_tokens:
+                live.session.cache = StreamingCache.from_state(self.model.config, *row.state())
+            else:
+                live.session.cache = StreamingCache(self.model.config, slots.start_size, slots.recent_size,
+                                                    slots.segment_capacity)  # fmt: skip
+        finally:
+            self.slots.release(b)
+
     def chat_work(self, body: ChatRequest, session_id: str, explicit: bool) -> Iterator[object]:
+        live, created = self._resolve(body.messages, session_id)
+        row = self._borrow_row(live)
+        try:
+            yield from self._chat(body, live, created)
+        finally:
+            self._return_row(live, row)
+
+    def _chat(self, body: ChatRequest, live: Live, created: bool) -> Iterator[object]:
         messages = body.messages
-        live, created = self._resolve(messages, session_id)
         session = live.session
         self.resumed += not created
         new = self._new_messages(live, messages)
@@ -336,7 +385,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
                start_size: int = 4, recent_size: int = 2000, max_sessions: int = 8,
                state_dir: str | os.PathLike | None = None, api_key: str | None = None,
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
-               "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0) -> FastAPI:  # fmt: skip
+               "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0,
+               batch_rows: int = 0) -> FastAPI:  # fmt: skip
     """The FastAPI application.
 
     Args:
@@ -350,10 +400,13 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         allowed_hosts: Accepted ``Host`` header names (DNS-rebinding protection; ``*`` for any).
         limits: Caps (:class:`Limits`).
         shutdown_timeout: Seconds to finish or cancel in-flight work at shutdown.
+        batch_rows: Continuous batching: up to this many sessions decode together in one forward (their
+            caches live as rows of one :class:`~streaming_llm.slots.SlotCache` while a request runs).
+            0: one forward per session and token.
     """
     limits = limits or Limits()
     server = Server(model, tokenizer, name=name, start_size=start_size, recent_size=recent_size,
-                    max_sessions=max_sessions, state_dir=state_dir, limits=limits)  # fmt: skip
+                    max_sessions=max_sessions, state_dir=state_dir, limits=limits, batch_rows=batch_rows)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -475,8 +528,11 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "sessions_in_memory": len(server.store.live), "load": server.engine.load,
-                "resumed": server.resumed}  # fmt: skip
+        health = {"status": "ok", "sessions_in_memory": len(server.store.live), "load": server.engine.load,
+                  "resumed": server.resumed}  # fmt: skip
+        if isinstance(server.engine, BatchingEngine):
+            health |= {"batched_steps": server.engine.batched_steps, "batched_tokens": server.engine.batched_tokens}
+        return health
 
     @app.get("/v1/models")
     def models():
@@ -660,6 +716,7 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
         max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout,
+        batch_rows=args.batch_rows,
     )  # fmt: skip
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level="warning")  # fmt: skip

@@ -59,6 +59,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         default=d.request_timeout,
         help=f"seconds per request (default {d.request_timeout:g})",
     )
+    group.add_argument("--batch-rows", type=int, default=0, help="continuous batching: up to N sessions decode "
+                       "together in one forward (default 0: one forward per session and token)")  # fmt: skip
     group.add_argument("--shutdown-timeout", type=float, default=5.0, help="seconds to wind down on SIGTERM")
 
 
