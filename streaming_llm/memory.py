@@ -83,7 +83,7 @@ def encode_segment(
         layer.pinned_keys[:, :, :start] = main.pinned_keys[:, :, :start]
         layer.seen, layer.shift, layer.pinned_rotation = start, 0, 0
     input_ids = torch.tensor([ids], device=model.device)
-    model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, scratch))
+    model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, scratch))
     slots = slice(scratch.layers[0].ring_base, scratch.layers[0].ring_base + len(ids))
     return [layer.keys[:, :, slots] for layer in scratch.layers], [
         layer.values[:, :, slots] for layer in scratch.layers

@@ -62,6 +62,10 @@ def save_session(session: StreamingSession, path: Path) -> Path:
         tensors["session.last_logits"] = session.last_logits.detach().cpu().contiguous()
     if session.sampler.generator is not None:
         tensors["session.rng_state"] = session.sampler.generator.get_state().cpu()
+    memory_meta = None
+    if hasattr(session.memory, "state"):  # retrieval memory: its index travels inside the session file
+        memory_tensors, memory_meta = session.memory.state()
+        tensors.update({f"memory.{k}": v.detach().cpu().contiguous() for k, v in memory_tensors.items()})
     header = {
         "format": FORMAT, "version": VERSION, "model": model_identity(session.model), "counters": counters,
         "session": {
@@ -70,6 +74,7 @@ def save_session(session: StreamingSession, path: Path) -> Path:
             "recent_ids": list(session.sampler.recent), "window_capacity": session.window_ids.maxlen,
             "prefill_chunk": session.prefill_chunk,
         },
+        "memory": memory_meta,
         "sha256": _digest(tensors),
     }  # fmt: skip
     path = Path(path)
@@ -135,6 +140,17 @@ def load_session(
         cache = StreamingCache.from_state(model.config, cache_tensors, counters)
     except (KeyError, ValueError, RuntimeError) as error:
         raise SessionFileError(f"{path} holds an inconsistent cache: {error}") from None
+    if header.get("memory"):
+        from .retrieval import RetrievalMemory
+
+        saved_memory = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
+        try:
+            if isinstance(memory, RetrievalMemory):
+                memory.load_state(saved_memory)
+            else:
+                memory = RetrievalMemory.from_state(saved_memory, header["memory"])
+        except (ValueError, TypeError) as error:
+            raise SessionFileError(f"{path} holds an unusable retrieval index: {error}") from None
     if memory is None and counters["segment_capacity"]:
         from .memory import HybridMemory
 

@@ -25,6 +25,7 @@ from .cache import StreamingCache
 from .chat_template import IncrementalChatTemplate
 from .generation import PREFILL_CHUNK, GenerationChunk, _stream, eos_ids, prefill
 from .memory import HybridMemory
+from .retrieval import RetrievalMemory
 from .sampling import Sampler, SamplingConfig
 
 
@@ -73,7 +74,8 @@ class StreamingSession:
         recent_size: Recent tokens kept (default 2000).
         pin_system_prompt: Keep the whole system prompt forever, beside the sinks (default True).
         sampling: How replies are sampled (greedy by default).
-        memory: Optional :class:`HybridMemory`: summarise evicted text into a pinned slot.
+        memory: Optional :class:`HybridMemory` (summarise evicted text into a pinned slot) or
+            :class:`~streaming_llm.retrieval.RetrievalMemory` (index evicted text, pin the best matches per turn).
         prefill_chunk: Tokens per forward when feeding prompts and documents.
     """
 
@@ -87,7 +89,7 @@ class StreamingSession:
         recent_size: int = 2000,
         pin_system_prompt: bool = True,
         sampling: SamplingConfig | None = None,
-        memory: HybridMemory | None = None,
+        memory: HybridMemory | RetrievalMemory | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
     ):
         install(model)
@@ -136,12 +138,14 @@ class StreamingSession:
             if len(self.window_ids) == self.window_ids.maxlen:
                 self.pending_ids.append(self.window_ids[0])
             self.window_ids.append(token)
-        if self.memory and len(self.pending_ids) >= self.memory.update_every:
+        if isinstance(self.memory, RetrievalMemory):
+            self.memory.observe(self)  # index evicted text as passages
+        elif self.memory and len(self.pending_ids) >= self.memory.update_every:
             self.update_summary()
 
     def update_summary(self) -> None:
         """Fold the evicted-but-unsummarised text into the pinned summary (hybrid memory)."""
-        if not self.memory or not self.pending_ids:
+        if not isinstance(self.memory, HybridMemory) or not self.pending_ids:
             return
         evicted = self.tokenizer.decode(self.pending_ids, skip_special_tokens=True)
         self.pending_ids = []
@@ -153,6 +157,8 @@ class StreamingSession:
         self, message: str, max_new_tokens: int | None = 512, stop: tuple[str, ...] = ()
     ) -> Iterator[GenerationChunk]:
         """Add a user message and stream the reply; the turn is closed when the stream ends."""
+        if isinstance(self.memory, RetrievalMemory):
+            self.memory.recall(self, message)  # pin the evicted passages that best match the message
         logits = self.feed(self._tokens(self.template.add("user", message, generation_prompt=True)))
         generated: list[int] = []
         text: list[str] = []
@@ -236,7 +242,7 @@ class StreamingSession:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             memory: HybridMemory | None = None) -> StreamingSession:  # fmt: skip
+             memory: HybridMemory | RetrievalMemory | None = None) -> StreamingSession:  # fmt: skip
         """Restore a session saved with :meth:`save` (raises :class:`SessionFileError` on bad files)."""
         from .persistence import load_session
 
