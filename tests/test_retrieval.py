@@ -124,9 +124,9 @@ def test_thousand_turn_soak_keeps_index_and_file_bounded(model, tokenizer, tmp_p
     assert max(files) <= 1.1 * min(files), sizes  # the file plateaus (index bounded, cache fixed)
     assert len({nbytes for _, _, nbytes in sizes.values()}) == 1
     # Oldest-first pruning: the newest turns are findable, the first ones are gone.
-    turns = [int(n) for n in re.findall(r"\bw(\d+)", " ".join(text for _, text, _ in _rows(session.memory)))]
+    # (match the planted sentence only: the random model's replies may contain anything)
+    turns = [int(n) for n in re.findall(r"day is w(\d+)", " ".join(text for _, text, _ in _rows(session.memory)))]
     assert turns and min(turns) > 900
-    assert not session.memory.search("w3")
 
 
 def test_retrieval_copy_is_independent(model, tokenizer):
