@@ -26,6 +26,7 @@ from .chat_template import IncrementalChatTemplate
 from .generation import GenerationChunk, _stream, auto_chunk_size, check_max_new_tokens, prefill
 from .memory import HybridMemory
 from .persistence import SessionFileError, read_session_file, write_session_file
+from .retrieval import RetrievalMemory
 from .sampling import Sampler, SamplingConfig
 
 
@@ -78,7 +79,8 @@ class StreamingSession:
         recent_size: Recent tokens kept (default 2000).
         pin_system_prompt: Keep the whole system prompt forever, beside the sinks (default True).
         sampling: How replies are sampled (greedy by default).
-        memory: Optional :class:`HybridMemory`: summarise evicted text into a pinned slot.
+        memory: Optional :class:`HybridMemory` (summarise evicted text into a pinned slot) or
+            :class:`~streaming_llm.retrieval.RetrievalMemory` (index evicted text, pin the best matches per turn).
         prefill_chunk: Tokens per forward when feeding prompts and documents.
 
     Turn boundaries: after every turn the tokens the model has seen are the chat template's rendering
@@ -106,7 +108,7 @@ class StreamingSession:
         recent_size: int = 2000,
         pin_system_prompt: bool = True,
         sampling: SamplingConfig | None = None,
-        memory: HybridMemory | None = None,
+        memory: HybridMemory | RetrievalMemory | None = None,
         prefill_chunk: int | None = None,
     ):
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -175,12 +177,14 @@ class StreamingSession:
             if len(self.window_ids) == self.window_ids.maxlen:
                 self.pending_ids.append(self.window_ids[0])
             self.window_ids.append(token)
-            if len(self.pending_ids) >= self.memory.update_every:
+            if isinstance(self.memory, HybridMemory) and len(self.pending_ids) >= self.memory.update_every:
                 self.update_summary()
+        if isinstance(self.memory, RetrievalMemory):
+            self.memory.observe(self)  # index evicted text as passages
 
     def update_summary(self) -> None:
         """Fold the evicted-but-unsummarised text into the pinned summary (hybrid memory)."""
-        if not self.memory or not self.pending_ids:
+        if not isinstance(self.memory, HybridMemory) or not self.pending_ids:
             return
         evicted = self.tokenizer.decode(self.pending_ids, skip_special_tokens=True)
         self.pending_ids = []
@@ -213,6 +217,8 @@ class StreamingSession:
 
     def _reply(self, message: str, max_new_tokens: int | None, stop: tuple[str, ...]) -> Iterator[GenerationChunk]:
         # Nothing happens until the first piece is asked for (a stream never iterated changes nothing).
+        if isinstance(self.memory, RetrievalMemory):
+            self.memory.recall(self, message)  # pin the evicted passages that best match the message
         logits = self.feed(self._tokens(self.template.add("user", message, generation_prompt=True)))
         first = self.cache.seen_tokens
         generated: list[int] = []
@@ -336,7 +342,10 @@ class StreamingSession:
         if self.sampler.generator is not None:
             tensors["session.rng_state"] = self.sampler.generator.get_state()
         memory = None
-        if self.memory:
+        if isinstance(self.memory, RetrievalMemory):  # its index travels inside the session file
+            memory_tensors, memory = self.memory.state()
+            tensors.update({f"memory.{k}": v for k, v in memory_tensors.items()})
+        elif self.memory:
             memory = {"max_tokens": self.memory.max_tokens, "update_every": self.memory.update_every,
                       "frame": self.memory.frame}  # fmt: skip
         state = {
@@ -348,7 +357,7 @@ class StreamingSession:
 
     @classmethod
     def from_state(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tensors: dict[str, torch.Tensor],
-                   state: dict, memory: HybridMemory | None = None) -> StreamingSession:  # fmt: skip
+                   state: dict, memory: HybridMemory | RetrievalMemory | None = None) -> StreamingSession:  # fmt: skip
         """Rebuild a session from :meth:`state`'s output (tensors on any device).
 
         ``memory`` supplies the summariser for a session saved with hybrid memory (its sizes come from
@@ -357,11 +366,14 @@ class StreamingSession:
         """
         counters = state["cache"]
         saved_memory = state["memory"]
-        if saved_memory is not None:
-            summarizer = memory.summarizer if memory is not None else None
+        if saved_memory is not None and saved_memory.get("kind") == RetrievalMemory.kind:
+            memory_tensors = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
+            memory = RetrievalMemory.from_state(memory_tensors, saved_memory)
+        elif saved_memory is not None:
+            summarizer = memory.summarizer if isinstance(memory, HybridMemory) else None
             memory = HybridMemory(summarizer, **saved_memory)
         elif memory is not None:
-            raise ValueError("This session was saved without hybrid memory; load it without `memory`.")
+            raise ValueError("This session was saved without memory; load it without `memory`.")
         session = cls(
             model, tokenizer, None, start_size=counters["start_size"], recent_size=counters["recent_size"],
             pin_system_prompt=False, sampling=SamplingConfig(**state["sampling"]), memory=memory,
@@ -371,7 +383,7 @@ class StreamingSession:
         cache_tensors = {k.removeprefix("cache."): v.to(device) for k, v in tensors.items() if k.startswith("cache.")}
         session.cache = StreamingCache.from_state(model.config, cache_tensors, counters)
         if session.cache.segment_capacity != (memory.max_tokens if memory else 0):
-            raise ValueError("The cache's summary slot does not match the session's hybrid-memory settings.")
+            raise ValueError("The cache's pinned-segment slot does not match the session's memory settings.")
         session.system_prompt = state["system_prompt"]
         session.turns, session.summary = int(state["turns"]), str(state["summary"])
         context = state["template_context"]
@@ -399,7 +411,7 @@ class StreamingSession:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             memory: HybridMemory | None = None) -> StreamingSession:  # fmt: skip
+             memory: HybridMemory | RetrievalMemory | None = None) -> StreamingSession:  # fmt: skip
         """Restore a session saved with :meth:`save`.
 
         Raises:

@@ -21,7 +21,7 @@ from streaming_llm.eval.perplexity import (
     streaming_nll,
     windowed_perplexity,
 )
-from streaming_llm.eval.recall import accuracy_table, recall_vs_distance
+from streaming_llm.eval.recall import accuracy_table, parse_methods, recall_vs_distance, wilson
 from streaming_llm.eval.stability import stability_run
 from streaming_llm.eval.sweeps import recent_sweep, sink_sweep
 from streaming_llm.loading import resolve
@@ -94,15 +94,35 @@ def test_stability_run_is_resumable(model, tmp_path):
         assert math.isclose(a["ppl"], b["ppl"], rel_tol=1e-5)
 
 
-def test_recall_trials_plant_the_fact_at_the_asked_distance():
+def test_recall_trials_plant_the_fact_at_the_asked_distance(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(resolve(None))
     model = streaming_llm.install(tiny_llama(vocab_size=len(tokenizer)))
     filler = "The sea was calm and the night was long. " * 400
-    rows = recall_vs_distance(model, tokenizer, filler, [32, 96], [48], ("streaming",), trials=2, progress=False)
-    assert len(rows) == 4 and {r["distance"] for r in rows} == {32, 96}
-    assert all(len(r["code"]) == 4 and isinstance(r["correct"], bool) for r in rows)
-    table = accuracy_table(rows)
-    assert [(t["distance"], t["trials"]) for t in table] == [(32, 2), (96, 2)]
+    methods = parse_methods("streaming:48,retrieval:48", dense_window=4000)
+    jsonl = tmp_path / "trials.jsonl"
+    kwargs = dict(jsonl=jsonl, progress=False, retrieval_settings={"budget": 96, "passage_tokens": 32})
+    first = recall_vs_distance(model, tokenizer, filler, [32, 96], methods, trials=2, **kwargs)
+    assert [t["template"] for t in first] == ["code", "date"]  # templates rotate
+    rows = [row for trial in first for row in trial["rows"]]
+    assert len(rows) == 8 and {r["distance"] for r in rows} == {32, 96}
+    assert all(isinstance(r["correct"], bool) and r["turn_s"] > 0 for r in rows)
+    # Resuming runs only the missing trials and keeps the finished ones.
+    resumed = recall_vs_distance(model, tokenizer, filler, [32, 96], methods, trials=3, **kwargs)
+    assert [t["trial"] for t in resumed] == [0, 1, 2] and resumed[:2] == first
+    assert len(jsonl.read_text().splitlines()) == 3
+    table = accuracy_table(resumed)
+    assert [(t["method"], t["distance"], t["trials"]) for t in table] == [
+        ("retrieval:48", 32, 3), ("retrieval:48", 96, 3), ("streaming:48", 32, 3), ("streaming:48", 96, 3)
+    ]  # fmt: skip
+    assert all(0 <= t["ci_low"] <= t["accuracy"] <= t["ci_high"] <= 1 for t in table)
+
+
+def test_wilson_interval_matches_the_closed_form():
+    # 8 of 10 at 95%: the textbook Wilson interval is (0.4902, 0.9433).
+    low, high = wilson(8, 10)
+    assert math.isclose(low, 0.4902, abs_tol=1e-4) and math.isclose(high, 0.9433, abs_tol=1e-4)
+    assert math.isclose(wilson(0, 50)[0], 0, abs_tol=1e-12) and math.isclose(wilson(0, 50)[1], 0.0713, abs_tol=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
 
 
 def test_cli_eval_ppl_writes_results(tmp_path, shakespeare):

@@ -41,8 +41,10 @@ def add_session_flags(parser: argparse.ArgumentParser) -> None:
         help="print the timings after each reply (prompt tok/s, generated tok/s, time to first token)",
     )  # fmt: skip
     group.add_argument(
-        "--memory", action="store_true",
-        help="hybrid memory: summarise evicted text with the model and keep the summary pinned (slower)",
+        "--memory", nargs="?", const="hybrid", default=None, choices=("hybrid", "retrieval"),
+        help="memory beyond the window: 'hybrid' (the default when the flag is bare) summarises evicted text with "
+        "the model and pins the summary (slower); 'retrieval' indexes evicted text (SQLite FTS5) and pins the "
+        "passages that best match each message",
     )  # fmt: skip
     group.add_argument("--load", default=None, metavar="PATH", help="resume a session saved with /save")
     add_model_flags(parser)
@@ -51,9 +53,10 @@ def add_session_flags(parser: argparse.ArgumentParser) -> None:
 
 def make_session(args: argparse.Namespace, model, tokenizer):
     from ..memory import HybridMemory
+    from ..retrieval import RetrievalMemory
     from ..session import StreamingSession
 
-    memory = HybridMemory() if args.memory else None
+    memory = {"hybrid": HybridMemory, "retrieval": RetrievalMemory}[args.memory]() if args.memory else None
     if args.load:
         return StreamingSession.load(args.load, model, tokenizer, memory=memory)
     return StreamingSession(

@@ -41,16 +41,28 @@ def add_parser(subparsers) -> None:
     sweep.add_argument("--recents", default="256,512,1024,2048,4096")
     sweep.set_defaults(run=run_sweep)
 
-    recall = commands.add_parser("recall", help="accuracy of recalling a planted fact vs its distance")
+    recall = commands.add_parser(
+        "recall", help="accuracy of recalling a planted fact vs its distance, per memory method (resumable)"
+    )
     _common(recall, tokens=0)
-    recall.add_argument("--distances", default="64,128,256,512,1024,2048,4096")
-    recall.add_argument("--windows", default="256,1024")
-    recall.add_argument("--methods", default="dense,streaming,hybrid")
-    recall.add_argument("--trials", type=int, default=10)
-    recall.add_argument("--hybrid-windows", default=None, help="windows for hybrid memory (default: --windows)")
-    recall.add_argument("--hybrid-trials", type=int, default=None, help="trials for hybrid memory (default: --trials)")
+    recall.add_argument("--distances", default="64,256,1024,4096,16384,65536", help="tokens between fact and question")
+    recall.add_argument(
+        "--methods", default="dense,streaming:256,streaming:1024,retrieval:1024,hybrid:256",
+        help="comma-separated: dense, streaming:W, retrieval:W, hybrid:W (W = window tokens)",
+    )  # fmt: skip
+    recall.add_argument("--trials", type=int, default=50, help="trials per cell (templates rotate: code, date, name)")
+    recall.add_argument("--seed", type=int, default=0)
+    recall.add_argument("--max-seconds", type=float, default=None, help="stop after the trial running at this time")
+    recall.add_argument(
+        "--shard", default="0/1", metavar="K/N",
+        help="run only trials t with t %% N == K (parallel workers; each appends to its own JSONL in --out)",
+    )  # fmt: skip
+    recall.add_argument("--report-only", action="store_true", help="run nothing; tabulate the JSONL files in --out")
+    recall.add_argument("--hybrid-max-distance", type=int, default=1024, help="hybrid: longest distance (it is slow)")
     recall.add_argument("--update-every", type=int, default=256, help="hybrid: evicted tokens per summary update")
     recall.add_argument("--summary-tokens", type=int, default=128, help="hybrid: largest summary (tokens)")
+    recall.add_argument("--budget", type=int, default=256, help="retrieval: tokens of passages pinned per turn")
+    recall.add_argument("--passage-tokens", type=int, default=64, help="retrieval: tokens per indexed passage")
     recall.set_defaults(run=run_recall)
 
     stability = commands.add_parser("stability", help="perplexity and memory over the whole text, per window")
@@ -200,24 +212,34 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_recall(args: argparse.Namespace) -> int:
-    from ..eval import plots
-    from ..eval.recall import accuracy_table, recall_vs_distance
+    from ..eval.recall import accuracy_table, load_trials, parse_methods, recall_plot, recall_vs_distance, stream_costs
     from ..memory import HybridMemory
 
-    model, tokenizer = load(args)
+    shard, _, shards = args.shard.partition("/")
+    if not (shard.isdigit() and shards.isdigit() and int(shard) < int(shards)):
+        raise ValueError(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}.")
     began = time.time()
-    memory = HybridMemory(max_tokens=args.summary_tokens, update_every=args.update_every)
-    hybrid_windows = [int(w) for w in args.hybrid_windows.split(",")] if args.hybrid_windows else None
-    rows = recall_vs_distance(
-        model, tokenizer, _text(args), [int(d) for d in args.distances.split(",")],
-        [int(w) for w in args.windows.split(",")], tuple(args.methods.split(",")), args.trials, memory=memory,
-        progress=not args.no_progress, hybrid_windows=hybrid_windows, hybrid_trials=args.hybrid_trials,
-    )  # fmt: skip
-    table = accuracy_table(rows)
-    payload = {"meta": _meta(args, model, time.time() - began, 0), "accuracy": table, "trials": rows}
-    _write(args.out, "recall", payload, table)
-    plots.recall_curve(table, args.out / "recall.png", "Recall of a planted fact vs distance")
+    model = None
+    if not args.report_only:
+        model, tokenizer = load(args)
+        methods = parse_methods(args.methods, model.config.max_position_embeddings - 8)
+        recall_vs_distance(
+            model, tokenizer, _text(args), [int(d) for d in args.distances.split(",")], methods, args.trials,
+            args.seed, args.out / f"recall_trials.{shard}-of-{shards}.jsonl", args.max_seconds,
+            HybridMemory(max_tokens=args.summary_tokens, update_every=args.update_every), args.hybrid_max_distance,
+            {"budget": args.budget, "passage_tokens": args.passage_tokens}, not args.no_progress,
+            shard=(int(shard), int(shards)),
+        )  # fmt: skip
+    trials = [t for path in sorted(args.out.glob("recall_trials.*.jsonl")) for t in load_trials(path)]
+    table = accuracy_table(trials)
+    meta = _meta(args, model, time.time() - began, 0) if model is not None else {"command": " ".join(sys.argv)}
+    payload = {"meta": meta, "trials_finished": len(trials), "accuracy": table, "stream_costs": stream_costs(trials)}
+    _write(args.out, "recall" if args.report_only or shards == "1" else f"recall.{shard}-of-{shards}", payload, table)
+    if table and (args.report_only or shards == "1"):
+        recall_plot(table, args.out / "recall.png", f"Recall of a planted fact vs distance ({len(trials)} trials)")
     for row in table:
+        print(row)
+    for row in payload["stream_costs"]:
         print(row)
     return 0
 

@@ -1,0 +1,158 @@
+"""Retrieval memory: evicted text indexed in SQLite FTS5, best passages pinned before each user turn."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from streaming_llm.cache import StreamingCache
+from streaming_llm.generation import prefill
+from streaming_llm.retrieval import RetrievalMemory
+from streaming_llm.session import StreamingSession
+
+SYSTEM = "You are a helpful assistant."
+FACT = "The pass code of the blue door is 4817."
+FILLER = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. "
+
+
+def _rows(memory: RetrievalMemory) -> list[tuple]:
+    return memory.db.execute("SELECT rowid, text, tokens FROM passages ORDER BY rowid").fetchall()
+
+
+def _session(model, tokenizer, **memory_args) -> StreamingSession:
+    memory = RetrievalMemory(**{"budget": 96, "passage_tokens": 32, "overlap": 8, **memory_args})
+    return StreamingSession(model, tokenizer, SYSTEM, recent_size=48, memory=memory)
+
+
+def test_evicted_text_is_indexed_and_the_matching_passage_is_pinned(model, tokenizer):
+    session = _session(model, tokenizer)
+    session.add_message("user", FILLER + FACT + " " + FILLER * 6)
+    evicted = session.cache.evicted_tokens
+    assert evicted > 100
+    # Every evicted token (past the open buffer) is in exactly one passage's fresh part.
+    step = session.memory.passage_tokens - session.memory.overlap
+    assert len(session.memory) == (evicted - session.memory.overlap) // step
+    hits = session.memory.search("What is the pass code of the blue door?")
+    assert "4817" in hits[0][1]
+    session.chat("What is the pass code of the blue door?", max_new_tokens=2)
+    pinned = session.memory.last.passages
+    assert any("4817" in p for p in pinned)
+    assert 0 < session.memory.last.tokens <= 96
+    assert session.stats().summary_tokens == session.memory.last.tokens
+    # The next message matches nothing new: the segment is replaced, never stacked.
+    session.chat("zzzz qqqq", max_new_tokens=2)
+    assert session.cache.segment_len == 0 and session.memory.last.passages == []
+
+
+def test_query_text_is_never_fts_syntax(model, tokenizer):
+    session = _session(model, tokenizer)
+    session.add_message("user", FILLER * 4)
+    for message in ['" OR NEAR(', "AND NOT *", "col:text ^x", "", "???"]:
+        session.memory.search(message)  # no sqlite3.OperationalError
+
+
+def test_empty_segment_capacity_changes_nothing(model):
+    """A cache with room for a segment but none pinned predicts exactly like a plain one."""
+    ids = torch.randint(0, model.config.vocab_size, (300,)).tolist()
+    plain, roomy = StreamingCache(model.config, 4, 40), StreamingCache(model.config, 4, 40, segment_capacity=64)
+    for start in range(0, len(ids), 50):
+        a, b = prefill(model, plain, ids[start : start + 50], 50), prefill(model, roomy, ids[start : start + 50], 50)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_cache_bytes_are_constant_and_only_the_budget_is_added(model, tokenizer):
+    plain = StreamingSession(model, tokenizer, SYSTEM, recent_size=48)
+    session = _session(model, tokenizer)
+    sizes = []
+    for turn in range(6):
+        for s in (plain, session):
+            s.add_message("user", FILLER * 2 + f"Remember the number {turn}.")
+        session.chat(f"What number is turn {turn}?", max_new_tokens=3)
+        plain.chat(f"What number is turn {turn}?", max_new_tokens=3)
+        sizes.append(session.cache.nbytes)
+    assert len(set(sizes)) == 1
+    # Independent expectation: the extra bytes are the budget's slots (keys, values, canonical keys) per layer.
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    slot_bytes = config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # fp32
+    assert sizes[0] - plain.cache.nbytes == 3 * slot_bytes * session.memory.budget
+
+
+def test_save_and_load_round_trip_the_index(model, tokenizer, tmp_path):
+    session = _session(model, tokenizer)
+    session.add_message("user", FILLER + FACT + " " + FILLER * 5)
+    path = session.save(tmp_path / "s.safetensors")
+    saved = _rows(session.memory)
+    restored = StreamingSession.load(path, model, tokenizer)
+    assert isinstance(restored.memory, RetrievalMemory)
+    assert _rows(restored.memory) == _rows(session.memory) and len(_rows(session.memory)) > 3
+    assert restored.memory.buffer == session.memory.buffer
+    assert restored.memory.settings() == session.memory.settings()
+    question = "What is the pass code of the blue door?"
+    assert restored.chat(question, max_new_tokens=5) == session.chat(question, max_new_tokens=5)
+    assert restored.memory.last.passages == session.memory.last.passages != []
+    # Loading into a memory the caller made keeps its object but takes the saved index.
+    mine = RetrievalMemory(budget=96, passage_tokens=32, overlap=8)
+    again = StreamingSession.load(path, model, tokenizer, memory=mine)
+    assert again.memory is mine and _rows(mine) == saved
+
+
+def test_a_corrupt_index_is_refused(model, tokenizer):
+    memory = RetrievalMemory()
+    with pytest.raises(ValueError, match="unreadable"):
+        memory.load_state({"index": torch.zeros(4096, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="budget"):
+        RetrievalMemory(budget=40, passage_tokens=64)
+    with pytest.raises(ValueError, match="overlap"):
+        RetrievalMemory(passage_tokens=16, overlap=16)
+
+
+def test_thousand_turn_soak_keeps_index_and_file_bounded(model, tokenizer, tmp_path):
+    session = _session(model, tokenizer, max_passages=40)
+    sizes = {}
+    for turn in range(1, 1001):
+        session.chat(f"Turn {turn}: the word of the day is w{turn}. {FILLER[: 40 + turn % 50]}", max_new_tokens=1)
+        if turn % 250 == 0:
+            path = session.save(tmp_path / "soak.safetensors")
+            sizes[turn] = (path.stat().st_size, len(session.memory), session.cache.nbytes)
+    assert session.cache.evicted_tokens > 40 * 32 * 5  # far more text than the index may keep
+    assert all(count <= 40 for _, count, _ in sizes.values())
+    files = [size for size, _, _ in sizes.values()]
+    assert max(files) <= 1.1 * min(files), sizes  # the file plateaus (index bounded, cache fixed)
+    assert len({nbytes for _, _, nbytes in sizes.values()}) == 1
+    # Oldest-first pruning: the newest turns are findable, the first ones are gone.
+    # (match the planted sentence only: the random model's replies may contain anything)
+    turns = [int(n) for n in re.findall(r"day is w(\d+)", " ".join(text for _, text, _ in _rows(session.memory)))]
+    assert turns and min(turns) > 900
+
+
+def test_retrieval_copy_is_independent(model, tokenizer):
+    """state()/from_state() gives an independent index (the server's session pool can rely on it)."""
+    session = _session(model, tokenizer)
+    session.add_message("user", FILLER * 5)
+    twin = RetrievalMemory.from_state(*session.memory.state())
+    twin.add("an extra passage", 3)
+    assert len(twin) == len(session.memory) + 1
+    assert copy.copy(session.memory.settings()) == twin.settings()
+
+
+def test_real_model_answers_a_fact_20k_tokens_back_only_with_retrieval(smollm, shakespeare):
+    from streaming_llm.eval.recall import fork
+
+    model, tokenizer = smollm
+    filler = shakespeare[300_000:400_000]
+    assert len(tokenizer(filler)["input_ids"]) > 20_000
+    memory = RetrievalMemory(budget=256, passage_tokens=64, overlap=16)
+    session = StreamingSession(model, tokenizer, SYSTEM, recent_size=256, memory=memory)
+    session.ingest(f"{FILLER}\n{FACT}\n{filler}", chunk_size=2048, progress=False)
+    assert session.cache.evicted_tokens > 20_000  # the fact left the window ~20k tokens ago
+    assert len(memory) > 20_000 // 64
+    plain = fork(session)  # the same cache (no segment pinned while streaming), without memory
+    question = "What is the pass code of the blue door? Answer with the number only."
+    with_retrieval, without = session.chat(question, 12), plain.chat(question, 12)
+    print(f"with retrieval: {with_retrieval!r}; without: {without!r}; pinned: {memory.last.passages}")
+    assert "4817" in with_retrieval
+    assert "4817" not in without
