@@ -27,15 +27,7 @@ from streaming_llm import StreamingCache, install  # noqa: E402
 from streaming_llm.benchmark import rss_mib, sync  # noqa: E402
 from streaming_llm.compat import cache_kwargs  # noqa: E402
 from streaming_llm.generation import prefill  # noqa: E402
-
-LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-)  # fmt: skip
-TINY = dict(
-    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=8192,
-)  # fmt: skip
+from streaming_llm.shapes import LLAMA3_8B, TINY  # noqa: E402
 
 
 def memory_mib(device: torch.device) -> float:

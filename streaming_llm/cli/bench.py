@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..shapes import RANDOM_SHAPES
 from .common import add_model_flags
 
 DESCRIPTION = """Decode latency, tokens/s and cache memory of the streaming cache, after streaming --contexts
@@ -26,28 +27,6 @@ with gloo when there is no GPU); each rank loads the model with transformers' te
 holds only its own KV heads in its own streaming cache. Every rank decides positions and eviction
 identically, so nothing is exchanged for the cache: the only communication is the model's own."""
 
-RANDOM_CONFIGS = {
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-    ),  # fmt: skip
-    "llama3-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),  # fmt: skip
-}
-
 
 def add_parser(subparsers) -> None:
     bench = subparsers.add_parser(
@@ -56,7 +35,7 @@ def add_parser(subparsers) -> None:
     )  # fmt: skip
     bench.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GPUs); relaunches under torchrun")
     bench.add_argument(
-        "--random", choices=sorted(RANDOM_CONFIGS), help="a random Llama of this shape instead of --model"
+        "--random", choices=sorted(RANDOM_SHAPES), help="a random Llama of this shape instead of --model"
     )
     bench.add_argument("--contexts", type=int, nargs="+", default=[4096], help="tokens streamed before timing")
     bench.add_argument("--decode", type=int, default=64, help="timed decode steps")
@@ -90,12 +69,12 @@ def _random_model(args: argparse.Namespace) -> str:
     if not (path / "config.json").exists():
         torch.manual_seed(0)
         dtype = torch.bfloat16 if args.random == "llama3-8b" else torch.float32
-        LlamaForCausalLM(LlamaConfig(**RANDOM_CONFIGS[args.random])).to(dtype).save_pretrained(path)
+        LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES[args.random])).to(dtype).save_pretrained(path)
     return str(path)
 
 
 def _relaunch(args: argparse.Namespace) -> int:
-    argv = [a for a in sys.argv[1:] if a != "--random" and a not in RANDOM_CONFIGS]
+    argv = [a for a in sys.argv[1:] if a != "--random" and a not in RANDOM_SHAPES]
     argv += ["--model", args.model] if args.random else []
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.tp), "--master_port",
                str(_free_port()), "-m", "streaming_llm.cli", *argv]  # fmt: skip
