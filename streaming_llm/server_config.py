@@ -22,46 +22,35 @@ class Limits:
 
 # -- command line -----------------------------------------------------------------------------------------------
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    """The ``serve`` flags (besides the model and cache flags)."""
+    """The ``serve`` flags (besides the model and cache flags); every help line shows its default."""
     d = Limits()
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--name", default="streaming-llm", help="model name reported by /v1/models")
-    group.add_argument("--max-sessions", type=_positive, default=8, help="sessions kept in memory (default 8)")
-    group.add_argument("--state-dir", default=None, help="folder for durable sessions: every turn saved, "
-                       "sessions beyond --max-sessions spill to disk, all survive restarts")  # fmt: skip
-    group.add_argument(
-        "--api-key",
-        default=os.environ.get("STREAMING_LLM_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $STREAMING_LLM_API_KEY, else none)",
-    )
-    group.add_argument("--allowed-origins", default="", help="comma-separated browser origins allowed (default none)")
-    group.add_argument("--allowed-hosts", default="", help="extra Host names accepted, comma-separated ('*': any)")
-    group.add_argument("--max-tokens-cap", type=_positive, default=d.max_tokens, help=f"default {d.max_tokens}")
-    group.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes, help=f"default {d.max_body_bytes}")
-    group.add_argument("--max-messages", type=_positive, default=d.max_messages, help=f"default {d.max_messages}")
-    group.add_argument(
-        "--max-prompt-tokens",
-        type=_positive,
-        default=d.max_prompt_tokens,
-        help=f"new tokens one request may feed (default {d.max_prompt_tokens})",
-    )
-    group.add_argument(
-        "--max-queue",
-        type=_positive,
-        default=d.max_queue,
-        help=f"requests running or waiting before 429 (default {d.max_queue})",
-    )
-    group.add_argument(
-        "--request-timeout",
-        type=float,
-        default=d.request_timeout,
-        help=f"seconds per request (default {d.request_timeout:g})",
-    )
-    group.add_argument("--batch-rows", type=int, default=0, help="continuous batching: up to N sessions decode "
-                       "together in one forward (default 0: one forward per session and token)")  # fmt: skip
-    group.add_argument("--shutdown-timeout", type=float, default=5.0, help="seconds to wind down on SIGTERM")
+    flags = [
+        ("--host", str, "127.0.0.1", "address to bind; 127.0.0.1 is this machine only"),
+        ("--port", int, 8000, "TCP port"),
+        ("--name", str, "streaming-llm", "model name reported by /v1/models"),
+        ("--max-sessions", _positive, 8, "sessions kept in memory"),
+        ("--state-dir", str, None, "folder for durable sessions: every turn saved, sessions beyond --max-sessions "
+         "spill to disk, all survive restarts"),
+        ("--api-key", str, os.environ.get("STREAMING_LLM_API_KEY"),
+         "require 'Authorization: Bearer KEY'; $STREAMING_LLM_API_KEY sets the default"),
+        ("--allowed-origins", str, "", "comma-separated browser origins allowed"),
+        ("--allowed-hosts", str, "", "extra Host names accepted, comma-separated ('*': any)"),
+        ("--max-tokens-cap", _positive, d.max_tokens, "largest max_tokens a request may ask for"),
+        ("--max-body-bytes", _positive, d.max_body_bytes, "largest request body in bytes"),
+        ("--max-messages", _positive, d.max_messages, "most messages in one request"),
+        ("--max-prompt-tokens", _positive, d.max_prompt_tokens, "new tokens one request may feed"),
+        ("--max-queue", _positive, d.max_queue, "requests running or waiting before 429"),
+        ("--request-timeout", float, d.request_timeout, "seconds per request"),
+        ("--batch-rows", int, 0, "continuous batching: up to N sessions decode together in one forward; "
+         "0: one forward per session and token"),
+        ("--shutdown-timeout", float, 5.0, "seconds to wind down on SIGTERM"),
+    ]  # fmt: skip
+    for name, kind, default, text in flags:
+        shown = "not set" if default in (None, "") and name != "--api-key" else "%(default)s"
+        if name == "--api-key":
+            shown = "none" if default is None else "set"
+        group.add_argument(name, type=kind, default=default, help=f"{text} (default: {shown})")
 
 
 def _positive(text: str) -> int:

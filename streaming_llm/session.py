@@ -368,7 +368,10 @@ class StreamingSession:
         saved_memory = state["memory"]
         if saved_memory is not None and saved_memory.get("kind") == RetrievalMemory.kind:
             memory_tensors = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
-            memory = RetrievalMemory.from_state(memory_tensors, saved_memory)
+            if isinstance(memory, RetrievalMemory):  # the caller's object, with the saved index
+                memory.load_state(memory_tensors)
+            else:
+                memory = RetrievalMemory.from_state(memory_tensors, saved_memory)
         elif saved_memory is not None:
             summarizer = memory.summarizer if isinstance(memory, HybridMemory) else None
             memory = HybridMemory(summarizer, **saved_memory)

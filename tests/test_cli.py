@@ -119,7 +119,9 @@ def test_ingest_then_questions(tmp_path):
     result = run("ingest", str(document), "-q", "When is the meeting?", "--max-tokens", "20", "--recent-size", "300")
     assert result.returncode == 0, result.stderr
     assert "ingested" in result.stderr
-    bar = re.search(r"ingest: 100%\|[^\r\n]*\| ([\d.]+k)/([\d.]+k) \[[^\]]*B/s, ([\d,]+) tokens\]", result.stderr)
+    bar = re.search(
+        r"ingest: 100%\|[^\r\n]*\| ([\d.]+k)/([\d.]+k) \[[^\]]*B/s, ([\d,]+) tokens, ([\d,]+) tok/s\]", result.stderr
+    )  # a total (the file's size), the tokens fed and the rate in tokens/s
     assert bar and bar[1] == bar[2] == f"{document.stat().st_size / 1000:.2f}k", result.stderr  # total: file size
     assert "> When is the meeting?" in result.stdout
 
