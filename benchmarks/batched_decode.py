@@ -5,7 +5,7 @@ At 1, 8, 32 and 64 live streams, each past 32k tokens, one batched step per toke
 Llama-3-8B-shaped in bf16 on CUDA; SmolLM2-135M-shaped (``--smollm2``) or tiny (``--tiny``) in fp32 on CPU.
 
 How the streams get past 32k: row 0 streams ``--stream-limit`` random tokens for real (chunked
-prefill), then its counters are fast-forwarded (``streaming_llm.benchmark.fast_forward``: same kept
+prefill), then its counters are fast-forwarded (``streaming_llm.eval.benchmark.fast_forward``: same kept
 tokens, slots and positions as a real stream that long), then its state is restored into every
 other row (``SlotCache.assign(b, state=...)``). So all rows hold the same kept tokens; each step
 still writes, turns and attends per row exactly as for distinct streams.
@@ -39,11 +39,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm import StreamingCache, install  # noqa: E402
-from streaming_llm.benchmark import fast_forward, percentile, sync  # noqa: E402
-from streaming_llm.decode import Decoder  # noqa: E402
-from streaming_llm.generation import prefill  # noqa: E402
-from streaming_llm.shapes import LLAMA3_8B, SMOLLM2_135M, TINY  # noqa: E402
-from streaming_llm.slots import BatchedDecoder, SlotCache  # noqa: E402
+from streaming_llm.core.decode import Decoder  # noqa: E402
+from streaming_llm.core.slots import BatchedDecoder, SlotCache  # noqa: E402
+from streaming_llm.eval.benchmark import fast_forward, percentile, sync  # noqa: E402
+from streaming_llm.eval.shapes import LLAMA3_8B, SMOLLM2_135M, TINY  # noqa: E402
+from streaming_llm.runtime.generation import prefill  # noqa: E402
 
 
 def summary(times: list[float], streams: int) -> dict:

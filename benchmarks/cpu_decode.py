@@ -34,11 +34,11 @@ def worker(method: str, checkpoints: list[int], decode: int, threads: int) -> li
     from transformers import DynamicCache
 
     from streaming_llm import StreamingCache, install
-    from streaming_llm.benchmark import cache_bytes, rss_mib
-    from streaming_llm.compat import cache_kwargs
-    from streaming_llm.decode import Decoder
-    from streaming_llm.generation import prefill
-    from streaming_llm.loading import load_model
+    from streaming_llm.core.compat import cache_kwargs
+    from streaming_llm.core.decode import Decoder
+    from streaming_llm.eval.benchmark import cache_bytes, rss_mib
+    from streaming_llm.runtime.generation import prefill
+    from streaming_llm.runtime.loading import load_model
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model(device="cpu", dtype="float32")

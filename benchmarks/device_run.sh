@@ -23,7 +23,7 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 model_dir() {
   if [ ! -f $stash/model.gguf ]; then cat $stash/part1 .carry2/part2 > $stash/model.tmp && mv $stash/model.tmp $stash/model.gguf; fi
   python -m pip install -q --no-index --no-deps --target /tmp/site .carry2/wheels/*.whl 2>/dev/null
-  python -c "from streaming_llm.loading import resolve; print(resolve('$stash/model.gguf'))" | tail -1
+  python -c "from streaming_llm.runtime.loading import resolve; print(resolve('$stash/model.gguf'))" | tail -1
 }
 
 eval_cli() { python -m streaming_llm.cli eval "$@" --device cuda --dtype float32 --no-progress; }

@@ -11,7 +11,7 @@ weights), side by side:
 
 Every step is timed on its own (synchronised, the token read back as a text stream does), so p50 and
 p99 include frame-rebase steps. Past ``--stream-limit`` tokens the streaming cache is fast-forwarded
-(``streaming_llm.benchmark.fast_forward``: same kept tokens, same slots, same positions as a real
+(``streaming_llm.eval.benchmark.fast_forward``: same kept tokens, same slots, same positions as a real
 stream), which is stated in the output. A correctness check runs first: captured and eager decode
 give identical greedy tokens over 512 steps across frame rebases.
 
@@ -33,10 +33,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm import StreamingCache, install  # noqa: E402
-from streaming_llm.benchmark import measure_decode, percentile, sync  # noqa: E402
-from streaming_llm.decode import Decoder  # noqa: E402
-from streaming_llm.generation import prefill  # noqa: E402
-from streaming_llm.shapes import LLAMA3_8B, TINY  # noqa: E402
+from streaming_llm.core.decode import Decoder  # noqa: E402
+from streaming_llm.eval.benchmark import measure_decode, percentile, sync  # noqa: E402
+from streaming_llm.eval.shapes import LLAMA3_8B, TINY  # noqa: E402
+from streaming_llm.runtime.generation import prefill  # noqa: E402
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:

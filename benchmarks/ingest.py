@@ -24,10 +24,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm import StreamingCache, install  # noqa: E402
-from streaming_llm.benchmark import rss_mib, sync  # noqa: E402
-from streaming_llm.compat import cache_kwargs  # noqa: E402
-from streaming_llm.generation import prefill  # noqa: E402
-from streaming_llm.shapes import LLAMA3_8B, TINY  # noqa: E402
+from streaming_llm.core.compat import cache_kwargs  # noqa: E402
+from streaming_llm.eval.benchmark import rss_mib, sync  # noqa: E402
+from streaming_llm.eval.shapes import LLAMA3_8B, TINY  # noqa: E402
+from streaming_llm.runtime.generation import prefill  # noqa: E402
 
 
 def memory_mib(device: torch.device) -> float:
@@ -103,7 +103,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.smollm:
-        from streaming_llm.loading import load_model
+        from streaming_llm.runtime.loading import load_model
 
         model, tokenizer = load_model(device=str(device), dtype="float32")
         from streaming_llm.data import read_text

@@ -20,9 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm import StreamingCache, install  # noqa: E402
-from streaming_llm.generation import prefill  # noqa: E402
-from streaming_llm.kernels import DEFAULT_PATH  # noqa: E402
-from streaming_llm.shapes import LLAMA3_8B, TINY  # noqa: E402
+from streaming_llm.core.kernels import DEFAULT_PATH  # noqa: E402
+from streaming_llm.eval.shapes import LLAMA3_8B, TINY  # noqa: E402
+from streaming_llm.runtime.generation import prefill  # noqa: E402
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 One attention call (one layer) for a chunk of Q queries whose windows reach back W keys, with P
 attention sinks: the old blocked ``_banded`` algorithm of streaming_llm/attention.py (copied here
-as the baseline), each path of streaming_llm.kernels.banded_attention, and plain causal SDPA of
+as the baseline), each path of streaming_llm.core.kernels.banded_attention, and plain causal SDPA of
 the Q queries over the same P + W + Q keys (the dense lower bound: what a chunked dense prefill
 does at that cache length). Each path's output is checked against the baseline; times are medians.
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from streaming_llm.kernels import banded  # noqa: E402
+from streaming_llm.core.kernels import banded  # noqa: E402
 
 PRESETS = {
     "smollm2": dict(device="cpu", dtype="float32", heads=9, kv_heads=3, dim=64, sinks=4,
@@ -47,7 +47,7 @@ PRESETS = {
 def old_banded(
     query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v, rest_first, query_first, window, scaling, softcap=None
 ):
-    """The blocked algorithm of ``streaming_llm.attention._banded`` (before issue 14), on this module's inputs.
+    """The blocked algorithm of ``streaming_llm.core.attention._banded`` (before issue 14), on this module's inputs.
 
     Same loop, block sizes, float32 scores, masked_fill and softmax; the pinned keys are sinks here.
     """

@@ -14,27 +14,27 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SUPPORTED": "architectures",
-    "ModelSpec": "architectures",
-    "describe": "architectures",
-    "install": "attention",
-    "uninstall": "attention",
-    "StreamingCache": "cache",
+    "SUPPORTED": "core.architectures",
+    "ModelSpec": "core.architectures",
+    "describe": "core.architectures",
+    "install": "core.attention",
+    "uninstall": "core.attention",
+    "StreamingCache": "core.cache",
     "StartRecentKVCache": "enable_streaming_llm",
     "enable_streaming_llm": "enable_streaming_llm",
-    "GenerationChunk": "generation",
-    "generate": "generation",
-    "stream_generate": "generation",
-    "load_model": "loading",
-    "SamplingConfig": "sampling",
-    "StreamingSession": "session",
-    "SessionStats": "session",
-    "SessionBrokenError": "session",
-    "SessionFileError": "persistence",
-    "HybridMemory": "memory",
-    "Decoder": "decode",
-    "SlotCache": "slots",
-    "Scheduler": "scheduler",
+    "GenerationChunk": "runtime.generation",
+    "generate": "runtime.generation",
+    "stream_generate": "runtime.generation",
+    "load_model": "runtime.loading",
+    "SamplingConfig": "runtime.sampling",
+    "StreamingSession": "sessions.session",
+    "SessionStats": "sessions.session",
+    "SessionBrokenError": "sessions.session",
+    "SessionFileError": "sessions.persistence",
+    "HybridMemory": "sessions.memory",
+    "Decoder": "core.decode",
+    "SlotCache": "core.slots",
+    "Scheduler": "runtime.scheduler",
 }
 
 __all__ = [
@@ -62,19 +62,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .architectures import SUPPORTED, ModelSpec, describe
-    from .attention import install, uninstall
-    from .cache import StreamingCache
-    from .decode import Decoder
+    from .core.architectures import SUPPORTED, ModelSpec, describe
+    from .core.attention import install, uninstall
+    from .core.cache import StreamingCache
+    from .core.decode import Decoder
+    from .core.slots import SlotCache
     from .enable_streaming_llm import StartRecentKVCache, enable_streaming_llm
-    from .generation import GenerationChunk, generate, stream_generate
-    from .loading import load_model
-    from .memory import HybridMemory
-    from .persistence import SessionFileError
-    from .sampling import SamplingConfig
-    from .scheduler import Scheduler
-    from .session import SessionBrokenError, SessionStats, StreamingSession
-    from .slots import SlotCache
+    from .runtime.generation import GenerationChunk, generate, stream_generate
+    from .runtime.loading import load_model
+    from .runtime.sampling import SamplingConfig
+    from .runtime.scheduler import Scheduler
+    from .sessions.memory import HybridMemory
+    from .sessions.persistence import SessionFileError
+    from .sessions.session import SessionBrokenError, SessionStats, StreamingSession
 
 
 def __getattr__(name: str) -> Any:
@@ -82,7 +82,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'streaming_llm' has no attribute '{name}'")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
-    importlib.import_module(".attention", __name__).register()  # idempotent
+    importlib.import_module(".core.attention", __name__).register()  # idempotent
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from transformers import DynamicCache, PreTrainedModel
 
-from .architectures import describe
-from .attention import install
-from .cache import StreamingCache, check_sizes
+from .core.architectures import describe
+from .core.attention import install
+from .core.cache import StreamingCache, check_sizes
 
 
 class StartRecentKVCache:

@@ -49,7 +49,7 @@ def tokenizer():
     """The embedded SmolLM2 tokenizer (with its chat template)."""
     from transformers import AutoTokenizer
 
-    from streaming_llm.loading import resolve
+    from streaming_llm.runtime.loading import resolve
 
     return AutoTokenizer.from_pretrained(resolve(None))
 
@@ -62,7 +62,7 @@ def model(tokenizer):
 
 @pytest.fixture(scope="session")
 def smollm():
-    from streaming_llm.loading import load_model
+    from streaming_llm.runtime.loading import load_model
 
     model, tokenizer = load_model(device="cpu", dtype="float32")
     return model, tokenizer

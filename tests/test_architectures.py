@@ -18,7 +18,7 @@ from reference import SlowStreamingReference
 
 import streaming_llm
 from streaming_llm import StreamingCache
-from streaming_llm.compat import cache_kwargs
+from streaming_llm.core.compat import cache_kwargs
 
 START, RECENT = 4, 12
 N = 3 * (START + RECENT) + 13

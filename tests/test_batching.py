@@ -13,10 +13,10 @@ from conftest import tiny_llama
 from test_server import WINDOW, Served, chat, tiny_dir  # noqa: F401 (fixture)
 
 from streaming_llm import StreamingSession
-from streaming_llm.engine import BatchingEngine, Done, Job, JobCancelled
-from streaming_llm.generation import GenerationChunk
-from streaming_llm.server import ChatRequest, Limits, Server, parse_body
-from streaming_llm.store import SessionStore
+from streaming_llm.runtime.generation import GenerationChunk
+from streaming_llm.serving.jobs import BatchingEngine, Done, Job, JobCancelled
+from streaming_llm.serving.server import ChatRequest, Limits, Server, parse_body
+from streaming_llm.serving.store import SessionStore
 
 TURNS = {
     "a": ["Tell me about apples.", "And pears?", "And plums?"],

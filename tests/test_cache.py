@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streaming_llm.cache import StreamGroup, check_sizes
-from streaming_llm.positions import Rope, Window
+from streaming_llm.core.cache import StreamGroup, check_sizes
+from streaming_llm.core.positions import Rope, Window
 
 ROPE = Rope(inv_freq=torch.ones(0, dtype=torch.float64), rotary_dim=0)  # no rotation: keys keep their ids
 

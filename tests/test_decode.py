@@ -13,8 +13,8 @@ from torch._dynamo.testing import CompileCounter
 
 import streaming_llm
 from streaming_llm import StreamingCache
-from streaming_llm.decode import Decoder
-from streaming_llm.generation import prefill
+from streaming_llm.core.decode import Decoder
+from streaming_llm.runtime.generation import prefill
 
 START, RECENT = 4, 12
 

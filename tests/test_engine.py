@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from streaming_llm.engine import Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
+from streaming_llm.serving.jobs import Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
 
 
 def steps(name: str, n: int, log: list, gate: threading.Event | None = None):

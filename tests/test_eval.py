@@ -24,7 +24,7 @@ from streaming_llm.eval.perplexity import (
 from streaming_llm.eval.recall import accuracy_table, parse_methods, recall_vs_distance, wilson
 from streaming_llm.eval.stability import stability_run
 from streaming_llm.eval.sweeps import recent_sweep, sink_sweep
-from streaming_llm.loading import resolve
+from streaming_llm.runtime.loading import resolve
 
 IDS = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(0))
 

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 import streaming_llm
 from streaming_llm import StreamingCache
-from streaming_llm.compat import cache_kwargs
+from streaming_llm.core.compat import cache_kwargs
 
 ATOL = 1e-4
 START, RECENT = 4, 28

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from streaming_llm import StreamingCache
-from streaming_llm.detokenize import IncrementalDetokenizer, StopMatcher
-from streaming_llm.generation import generate, stream_generate
-from streaming_llm.sampling import Sampler, SamplingConfig, neutral_token_ids
+from streaming_llm.runtime.detokenize import IncrementalDetokenizer, StopMatcher
+from streaming_llm.runtime.generation import generate, stream_generate
+from streaming_llm.runtime.sampling import Sampler, SamplingConfig, neutral_token_ids
 
 TEXTS = [
     "Hello, world!  Two spaces, then\ttab and\nnewline.",

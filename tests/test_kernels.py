@@ -1,4 +1,4 @@
-"""Exactness of streaming_llm.kernels.banded_attention against a naive float64 reference."""
+"""Exactness of streaming_llm.core.kernels.banded_attention against a naive float64 reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streaming_llm.kernels import banded, banded_attention
+from streaming_llm.core.kernels import banded, banded_attention
 
 
 def reference_banded(query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v, rest_first, query_first, window,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streaming_llm.loading import embedded_gguf, pick_device, pick_dtype, resolve
+from streaming_llm.runtime.loading import embedded_gguf, pick_device, pick_dtype, resolve
 
 
 def test_default_is_the_embedded_model_converted_once():

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from streaming_llm.positions import REBASE_FACTOR, Rope, Window
+from streaming_llm.core.positions import REBASE_FACTOR, Rope, Window
 
 INV_FREQ = 1.0 / (10_000 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))
 ROPE = Rope(inv_freq=INV_FREQ.double(), rotary_dim=16)

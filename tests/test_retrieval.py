@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from streaming_llm.cache import StreamingCache
-from streaming_llm.generation import prefill
-from streaming_llm.retrieval import RetrievalMemory
-from streaming_llm.session import StreamingSession
+from streaming_llm.core.cache import StreamingCache
+from streaming_llm.runtime.generation import prefill
+from streaming_llm.sessions.retrieval import RetrievalMemory
+from streaming_llm.sessions.session import StreamingSession
 
 SYSTEM = "You are a helpful assistant."
 FACT = "The pass code of the blue door is 4817."

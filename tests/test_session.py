@@ -8,17 +8,17 @@ from conftest import tiny_llama
 
 import streaming_llm
 from streaming_llm import StreamingCache
-from streaming_llm.compat import cache_kwargs
-from streaming_llm.memory import HybridMemory, encode_segment
-from streaming_llm.persistence import SessionFileError
-from streaming_llm.session import StreamingSession
+from streaming_llm.core.compat import cache_kwargs
+from streaming_llm.sessions.memory import HybridMemory, encode_segment
+from streaming_llm.sessions.persistence import SessionFileError
+from streaming_llm.sessions.session import StreamingSession
 
 SYSTEM = "You are a terse assistant. Answer in one line."
 
 
 def recording(session: StreamingSession, monkeypatch) -> list[int]:
     """Record every id that goes into the session's cache from now on (turns and generated tokens)."""
-    import streaming_llm.generation as generation
+    import streaming_llm.runtime.generation as generation
 
     fed: list[int] = []
     original_feed, original_step = session.feed, generation.decode_step
@@ -148,7 +148,7 @@ def test_save_is_atomic(model, tokenizer, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("streaming_llm.persistence.save_file", broken)
+    monkeypatch.setattr("streaming_llm.sessions.persistence.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         session.save(path)
     assert path.read_bytes() == before  # the old file is intact

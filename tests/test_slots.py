@@ -13,10 +13,10 @@ from reference import SlowStreamingReference
 
 import streaming_llm
 from streaming_llm import StreamingCache
-from streaming_llm.decode import Decoder
-from streaming_llm.generation import prefill
-from streaming_llm.scheduler import Scheduler
-from streaming_llm.slots import BatchedDecoder, SlotCache
+from streaming_llm.core.decode import Decoder
+from streaming_llm.core.slots import BatchedDecoder, SlotCache
+from streaming_llm.runtime.generation import prefill
+from streaming_llm.runtime.scheduler import Scheduler
 
 START, RECENT = 4, 12
 

@@ -31,8 +31,8 @@ def test_chunked_evaluation_equals_token_by_token_on_the_real_model(smollm, shak
 def test_hybrid_memory_recalls_an_evicted_fact_plain_streaming_cannot(smollm, shakespeare):
     import re
 
-    from streaming_llm.memory import HybridMemory
-    from streaming_llm.session import StreamingSession
+    from streaming_llm.sessions.memory import HybridMemory
+    from streaming_llm.sessions.session import StreamingSession
 
     model, tokenizer = smollm
     document = "Remember this: the pass code of the blue door is 4817.\n" + shakespeare[300_000:304_000]
@@ -63,7 +63,7 @@ def test_demo_defaults_read_as_words_far_past_the_window(smollm):
     from streaming_llm.cli import build_parser
     from streaming_llm.cli.common import sampling_config
     from streaming_llm.cli.generate import DEMO_PROMPT
-    from streaming_llm.generation import eos_ids, stream_generate
+    from streaming_llm.runtime.generation import eos_ids, stream_generate
 
     model, tokenizer = smollm
     args = build_parser().parse_args(["demo"])

@@ -17,7 +17,7 @@ from reference import SlowStreamingReference
 import streaming_llm
 from streaming_llm import StreamingCache
 from streaming_llm.enable_streaming_llm import enable_streaming_llm
-from streaming_llm.generation import stream_generate
+from streaming_llm.runtime.generation import stream_generate
 
 START, RECENT = 4, 12
 

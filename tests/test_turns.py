@@ -14,8 +14,8 @@ from conftest import tiny_llama
 
 import streaming_llm
 from streaming_llm import SessionBrokenError, SessionFileError, StreamingSession, generate, stream_generate
-from streaming_llm.persistence import remove_stale_temporaries
-from streaming_llm.sampling import Sampler
+from streaming_llm.runtime.sampling import Sampler
+from streaming_llm.sessions.persistence import remove_stale_temporaries
 
 SYSTEM = "You are a terse assistant."
 
@@ -35,7 +35,7 @@ class Scripted(Sampler):
 
 def record(session, monkeypatch) -> list[int]:
     """Every id fed to the session's cache from now on (by feed() and by decode steps)."""
-    import streaming_llm.generation as generation
+    import streaming_llm.runtime.generation as generation
 
     fed: list[int] = []
     original_feed, original_step = session.feed, generation.decode_step
@@ -94,7 +94,7 @@ def test_after_any_turn_the_context_is_the_template_rendering(model, tokenizer, 
 
 
 def test_an_error_inside_a_forward_breaks_the_session_clearly(model, tokenizer, monkeypatch):
-    import streaming_llm.generation as generation
+    import streaming_llm.runtime.generation as generation
 
     session = StreamingSession(model, tokenizer, SYSTEM, recent_size=64)
     session.chat("Hello", max_new_tokens=3)

@@ -10,8 +10,8 @@ import torch
 
 import streaming_llm
 from streaming_llm import StreamingCache
-from streaming_llm.compat import cache_kwargs
-from streaming_llm.generation import decode_step, prefill
+from streaming_llm.core.compat import cache_kwargs
+from streaming_llm.runtime.generation import decode_step, prefill
 
 
 @torch.no_grad()

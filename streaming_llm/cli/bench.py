@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..shapes import RANDOM_SHAPES
+from ..eval.shapes import RANDOM_SHAPES
 from .common import add_model_flags
 
 DESCRIPTION = """Decode latency, tokens/s and cache memory of the streaming cache, after streaming --contexts
@@ -63,7 +63,7 @@ def _random_model(args: argparse.Namespace) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..loading import home
+    from ..runtime.loading import home
 
     path = home() / f"random-{args.random}"
     if not (path / "config.json").exists():
@@ -95,10 +95,10 @@ def _measure(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from ..attention import install
-    from ..benchmark import measure_decode
-    from ..cache import StreamingCache
-    from ..loading import load_model, pick_dtype, resolve
+    from ..core.attention import install
+    from ..core.cache import StreamingCache
+    from ..eval.benchmark import measure_decode
+    from ..runtime.loading import load_model, pick_dtype, resolve
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

@@ -52,9 +52,9 @@ def add_session_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def make_session(args: argparse.Namespace, model, tokenizer):
-    from ..memory import HybridMemory
-    from ..retrieval import RetrievalMemory
-    from ..session import StreamingSession
+    from ..sessions.memory import HybridMemory
+    from ..sessions.retrieval import RetrievalMemory
+    from ..sessions.session import StreamingSession
 
     memory = {"hybrid": HybridMemory, "retrieval": RetrievalMemory}[args.memory]() if args.memory else None
     if args.load:
@@ -110,8 +110,8 @@ def repl(session, args: argparse.Namespace, model, tokenizer, lines=None) -> int
 
 def command(line: str, session, args, model, tokenizer, timings: Timings | None = None):
     """Run one slash command; return ``(session, quit?)``."""
-    from ..persistence import SessionFileError
-    from ..session import StreamingSession
+    from ..sessions.persistence import SessionFileError
+    from ..sessions.session import StreamingSession
 
     name, _, argument = line.partition(" ")
     argument = argument.strip()
@@ -148,7 +148,7 @@ def command(line: str, session, args, model, tokenizer, timings: Timings | None 
 
 
 def stats_text(stats) -> str:
-    """One human-readable line for :class:`~streaming_llm.session.SessionStats`."""
+    """One human-readable line for :class:`~streaming_llm.sessions.session.SessionStats`."""
     line = (
         f"[turns {stats.turns} | seen {stats.seen_tokens:,} tokens | in cache {stats.cached_tokens:,} of "
         f"{stats.capacity:,} | evicted {stats.evicted_tokens:,} | pinned {stats.pinned_tokens:,}"

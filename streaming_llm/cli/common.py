@@ -8,8 +8,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch and transformers are imported only when a command runs (fast --help)
-    from ..generation import GenerationChunk
-    from ..sampling import SamplingConfig
+    from ..runtime.generation import GenerationChunk
+    from ..runtime.sampling import SamplingConfig
 
 
 def add_model_flags(parser: argparse.ArgumentParser, recent_size: int = 2000) -> None:
@@ -71,7 +71,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 def sampling_config(args: argparse.Namespace, suppress_ids: tuple[int, ...] = ()) -> SamplingConfig:
     """The :class:`SamplingConfig` of the sampling flags (raises ValueError on bad values)."""
-    from ..sampling import SamplingConfig
+    from ..runtime.sampling import SamplingConfig
 
     return SamplingConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -82,7 +82,7 @@ def sampling_config(args: argparse.Namespace, suppress_ids: tuple[int, ...] = ()
 
 
 def load(args: argparse.Namespace):
-    from ..loading import load_model
+    from ..runtime.loading import load_model
 
     print("Loading model...", file=sys.stderr)
     return load_model(args.model, device=args.device, dtype=args.dtype)

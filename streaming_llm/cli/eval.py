@@ -213,7 +213,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_recall(args: argparse.Namespace) -> int:
     from ..eval.recall import accuracy_table, load_trials, parse_methods, recall_plot, recall_vs_distance, stream_costs
-    from ..memory import HybridMemory
+    from ..sessions.memory import HybridMemory
 
     shard, _, shards = args.shard.partition("/")
     if not (shard.isdigit() and shards.isdigit() and int(shard) < int(shards)):

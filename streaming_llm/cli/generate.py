@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generation import eos_ids, stream_generate
+    from ..runtime.generation import eos_ids, stream_generate
 
     model, tokenizer = load(args)
     prompt = args.prompt

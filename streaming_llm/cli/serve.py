@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
         "feed only their new message (history is never re-processed); memory is bounded by --max-sessions "
         "fixed-size caches. Needs: pip install 'streaming-llm[server]'.",
     )  # fmt: skip
-    from ..server_config import add_server_flags
+    from ..serving.config import add_server_flags
 
     add_server_flags(serve)
     add_model_flags(serve)
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: the server needs FastAPI and uvicorn: pip install 'streaming-llm[server]'", file=sys.stderr)
         return 2
     check_port(args.host, args.port)  # before importing torch and loading the model, which take a while
-    from ..server import serve
+    from ..serving.server import serve
 
     model, tokenizer = load(args)
     serve(args, model, tokenizer)

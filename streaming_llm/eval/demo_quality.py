@@ -1,7 +1,7 @@
 """How well does a long generation read? Sampling recipes x seeds, streaming vs a full cache.
 
 Each recipe generates ``tokens`` tokens from the demo prompt for several seeds at once (one batch row
-per seed, each with its own seeded :class:`~streaming_llm.sampling.Sampler`), once with the demo's
+per seed, each with its own seeded :class:`~streaming_llm.runtime.sampling.Sampler`), once with the demo's
 small streaming window and once with a cache large enough that nothing is evicted (what the model
 does with its full context). Text quality is scored per token range with measures that need no
 reference:
@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from ..attention import install
-from ..cache import StreamingCache
-from ..compat import cache_kwargs
-from ..generation import eos_ids
-from ..sampling import Sampler, SamplingConfig
+from ..core.attention import install
+from ..core.cache import StreamingCache
+from ..core.compat import cache_kwargs
+from ..runtime.generation import eos_ids
+from ..runtime.sampling import Sampler, SamplingConfig
 
 LONG_WORD = 25
 

@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
-from ..attention import install
-from ..cache import StreamingCache
-from ..compat import cache_kwargs
+from ..core.attention import install
+from ..core.cache import StreamingCache
+from ..core.compat import cache_kwargs
 
 METHODS = ("dense", "window", "recompute", "streaming")
 

@@ -7,11 +7,11 @@ fork, so one long stream per trial serves every distance. Methods:
 
 * ``dense``: a window as large as the model's trained length (distances that fit only).
 * ``streaming:W``: sinks + a rolling window of ``W`` tokens.
-* ``retrieval:W``: the same stream with :class:`~streaming_llm.retrieval.RetrievalMemory` indexing what
+* ``retrieval:W``: the same stream with :class:`~streaming_llm.sessions.retrieval.RetrievalMemory` indexing what
   is evicted; before the question the best passages are pinned after the sinks. While no segment is
   pinned the cache predicts exactly as plain streaming (tested), so ``streaming:W`` and
   ``retrieval:W`` share one stream.
-* ``hybrid:W``: :class:`~streaming_llm.memory.HybridMemory` (the model summarises evicted text).
+* ``hybrid:W``: :class:`~streaming_llm.sessions.memory.HybridMemory` (the model summarises evicted text).
 
 Trials are appended to a JSONL file as they finish, so a run can be stopped (``max_seconds``) and
 resumed. Accuracy comes with a Wilson 95% interval; the cost of the question turn (retrieval lookup
@@ -34,11 +34,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..cache import StreamingCache
-from ..memory import HybridMemory
-from ..retrieval import RetrievalMemory
-from ..sampling import Sampler
-from ..session import StreamingSession
+from ..core.cache import StreamingCache
+from ..runtime.sampling import Sampler
+from ..sessions.memory import HybridMemory
+from ..sessions.retrieval import RetrievalMemory
+from ..sessions.session import StreamingSession
 
 SYSTEM = "You are a helpful assistant."
 LEAD_TOKENS = 64  # filler before the fact, so the fact is never one of the pinned start tokens

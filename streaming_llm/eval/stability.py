@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..attention import install
-from ..benchmark import rss_mib
-from ..cache import StreamingCache
-from ..compat import cache_kwargs
+from ..core.attention import install
+from ..core.cache import StreamingCache
+from ..core.compat import cache_kwargs
+from .benchmark import rss_mib
 from .perplexity import _nll, perplexity
 
 

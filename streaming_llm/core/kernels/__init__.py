@@ -1,4 +1,4 @@
-"""Attention kernels for streaming ingestion (see :mod:`streaming_llm.kernels.banded`).
+"""Attention kernels for streaming ingestion (see :mod:`streaming_llm.core.kernels.banded`).
 
 :func:`banded_attention` computes, exactly, the attention of a chunk that crosses the eviction point:
 pinned keys (sinks, segment) scored with the turned-back queries, plus each query's sliding window.

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from .architectures import describe
+from ..core.architectures import describe
 
 FORMAT = "streaming-llm-session"
 VERSION = 2

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import StreamingCache
-from .compat import cache_kwargs
+from ..core.cache import StreamingCache
+from ..core.compat import cache_kwargs
 
 Summarizer = Callable[[str, str], str]
 """``summarizer(previous_summary, newly_evicted_text) -> new_summary``."""
@@ -94,7 +94,7 @@ def summarize_with_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, previous: str, evicted: str, max_tokens: int
 ) -> str:
     """Ask the model itself for an updated summary (on a separate, temporary cache)."""
-    from .generation import generate
+    from ..runtime.generation import generate
 
     prompt = SELF_SUMMARY_PROMPT.format(previous=previous or "(none)", evicted=evicted)
     if tokenizer.chat_template:

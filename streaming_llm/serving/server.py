@@ -3,7 +3,7 @@
 Needs the optional dependencies ``fastapi`` and ``uvicorn`` (``pip install 'streaming-llm[server]'``).
 
 Handlers parse and check requests (strict types, bounds, caps, unsupported fields named in a 400),
-then hand all model work to one :class:`~streaming_llm.engine.Engine`, which interleaves sessions one
+then hand all model work to one :class:`~streaming_llm.serving.jobs.Engine`, which interleaves sessions one
 token at a time. Sessions:
 
 - A chat request names its session with the ``X-Session-Id`` header (or the ``user`` field). For a
@@ -43,15 +43,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .attention import install
-from .cache import StreamingCache
-from .engine import BatchingEngine, Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
-from .generation import GenerationChunk, stream_generate
-from .persistence import SessionFileError
-from .sampling import SamplingConfig
-from .server_config import Limits
-from .session import SessionBrokenError, StreamingSession
-from .slots import BatchedDecoder, SlotCache
+from ..core.attention import install
+from ..core.cache import StreamingCache
+from ..core.slots import BatchedDecoder, SlotCache
+from ..runtime.generation import GenerationChunk, stream_generate
+from ..runtime.sampling import SamplingConfig
+from ..sessions.persistence import SessionFileError
+from ..sessions.session import SessionBrokenError, StreamingSession
+from .config import Limits
+from .jobs import BatchingEngine, Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
 from .store import Live, SessionStore, chain
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         limits: Caps (:class:`Limits`).
         shutdown_timeout: Seconds to finish or cancel in-flight work at shutdown.
         batch_rows: Continuous batching: up to this many sessions decode together in one forward (their
-            caches live as rows of one :class:`~streaming_llm.slots.SlotCache` while a request runs).
+            caches live as rows of one :class:`~streaming_llm.core.slots.SlotCache` while a request runs).
             0: one forward per session and token.
     """
     limits = limits or Limits()

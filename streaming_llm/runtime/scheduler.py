@@ -1,4 +1,4 @@
-"""A small synchronous scheduler over a :class:`~streaming_llm.slots.SlotCache` (no HTTP).
+"""A small synchronous scheduler over a :class:`~streaming_llm.core.slots.SlotCache` (no HTTP).
 
 Each :meth:`Scheduler.step` runs at most one prefill chunk (of the oldest request still ingesting
 its prompt, in its own row) and then one batched decode step for every request that is generating.
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from .compat import cache_kwargs
+from ..core.compat import cache_kwargs
+from ..core.slots import BatchedDecoder, SlotCache
 from .sampling import Sampler, SamplingConfig
-from .slots import BatchedDecoder, SlotCache
 
 
 @dataclass

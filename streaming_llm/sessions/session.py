@@ -19,15 +19,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import describe
-from .attention import install
-from .cache import StreamingCache
+from ..core.architectures import describe
+from ..core.attention import install
+from ..core.cache import StreamingCache
+from ..runtime.generation import GenerationChunk, _stream, auto_chunk_size, check_max_new_tokens, prefill
+from ..runtime.sampling import Sampler, SamplingConfig
 from .chat_template import IncrementalChatTemplate
-from .generation import GenerationChunk, _stream, auto_chunk_size, check_max_new_tokens, prefill
 from .memory import HybridMemory
 from .persistence import SessionFileError, read_session_file, write_session_file
 from .retrieval import RetrievalMemory
-from .sampling import Sampler, SamplingConfig
 
 
 class SessionBrokenError(RuntimeError):
@@ -80,7 +80,8 @@ class StreamingSession:
         pin_system_prompt: Keep the whole system prompt forever, beside the sinks (default True).
         sampling: How replies are sampled (greedy by default).
         memory: Optional :class:`HybridMemory` (summarise evicted text into a pinned slot) or
-            :class:`~streaming_llm.retrieval.RetrievalMemory` (index evicted text, pin the best matches per turn).
+            :class:`~streaming_llm.sessions.retrieval.RetrievalMemory` (index evicted text, pin the best matches
+            per turn).
         prefill_chunk: Tokens per forward when feeding prompts and documents.
 
     Turn boundaries: after every turn the tokens the model has seen are the chat template's rendering

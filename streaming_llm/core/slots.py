@@ -2,7 +2,7 @@
 
 A :class:`SlotCache` holds storage for ``rows`` streams (batch dimension = rows). Every row is a
 whole StreamingLLM stream with its own counters (tokens seen, frame, segment): :meth:`SlotCache.row`
-returns a single-stream :class:`~streaming_llm.cache.StreamingCache` whose buffers are *views* of
+returns a single-stream :class:`~streaming_llm.core.cache.StreamingCache` whose buffers are *views* of
 that row, so prefill, chunked ingest, ``state()`` and restore run the single-stream code unchanged.
 
 A batched decode step (:class:`BatchedDecoder`) feeds one token to each of rows ``0 .. n-1`` in one
@@ -16,7 +16,7 @@ no-ops and their query attends to one slot, so nothing is NaN).
 Everything that changes between steps lives in device tensors written before the step, so on CUDA
 the step is captured once per bucket in a CUDA graph and replayed.
 
-Attention (``streaming_llm.attention._slots``) folds the grouped-query heads into the query length,
+Attention (``streaming_llm.core.attention._slots``) folds the grouped-query heads into the query length,
 so keys are never repeated. Only models whose layers form one stream group (every layer full
 attention with one RoPE: Llama, Qwen2, Mistral without sliding window, SmolLM2...) are supported.
 """

@@ -1,7 +1,7 @@
 """Where the server keeps its sessions: a bounded in-memory LRU, and (with a state folder) disk.
 
 With ``state_dir`` every completed turn is written to ``state_dir/sessions/<sha256(id)>.safetensors``
-(atomically, see :mod:`streaming_llm.persistence`) and indexed in ``state_dir/index.sqlite3`` (id,
+(atomically, see :mod:`streaming_llm.sessions.persistence`) and indexed in ``state_dir/index.sqlite3`` (id,
 file, message digest, counters, last update). Sessions beyond ``max_sessions`` leave memory least
 recently used first and come back from their file on demand, exactly as they were. Without
 ``state_dir`` a session pushed out of memory is gone (the next request rebuilds it from its history).
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .persistence import SessionFileError, read_session_file, remove_stale_temporaries, write_session_file
-from .session import StreamingSession
+from ..sessions.persistence import SessionFileError, read_session_file, remove_stale_temporaries, write_session_file
+from ..sessions.session import StreamingSession
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ The cache owns the streaming step. Every ``update`` call receives the keys and v
 just computed (already rotated at the model's positions) and the model's position ids, and returns
 keys and values that attention can use as they are: stored keys brought into the model's frame,
 sinks turned to sit right before the window, the new tokens written into their slots. The
-attention function (:mod:`streaming_llm.attention`) only picks a kernel from the step's
-:class:`Plan`. Position arithmetic lives in :mod:`streaming_llm.positions`.
+attention function (:mod:`streaming_llm.core.attention`) only picks a kernel from the step's
+:class:`Plan`. Position arithmetic lives in :mod:`streaming_llm.core.positions`.
 
 Layers that share a window and a RoPE (all full-attention layers of a model, say) form one
 :class:`StreamGroup`: one stream state (tokens seen, frame), one storage tensor for all of them and
@@ -29,7 +29,7 @@ buffer turned by ``e = m - K(t)`` (see positions).
 
 A decode step once the ring is full is *steady*: it writes one slot chosen by a device tensor,
 turns the pinned keys by a device tensor, and attends to the whole buffer with no mask. It reads
-no host value, so it can be captured in a CUDA graph and replayed (:mod:`streaming_llm.decode`).
+no host value, so it can be captured in a CUDA graph and replayed (:mod:`streaming_llm.core.decode`).
 """
 
 from __future__ import annotations
@@ -420,7 +420,7 @@ class StreamingCache(Cache):
     (plus ``start_size`` canonical sink keys).
 
     The model must run the streaming attention (``enable_streaming_llm(model)`` or
-    :func:`streaming_llm.attention.install` sets it up); with it, a model still behaves exactly like
+    :func:`streaming_llm.core.attention.install` sets it up); with it, a model still behaves exactly like
     ``sdpa`` with any other cache.
 
     **What the cache tells transformers.** ``get_seq_length()`` is the number of tokens processed,
@@ -428,7 +428,7 @@ class StreamingCache(Cache):
     model may use any contiguous positions (the cache brings stored keys into their frame). Loops
     that let the model derive positions from the cache rotate at absolute positions, exact while
     float32 RoPE is (tens of thousands of tokens). For endless streams, either pass
-    ``position_ids=cache.position_ids(n)`` (what :func:`~streaming_llm.generation.stream_generate`
+    ``position_ids=cache.position_ids(n)`` (what :func:`~streaming_llm.runtime.generation.stream_generate`
     and sessions do) or create the cache with ``positions="compact"`` (what the seed API does): then
     ``get_seq_length()`` is the position for the next token, kept below ``2 * (start + recent)``.
 
@@ -527,7 +527,7 @@ class StreamingCache(Cache):
     @property
     def is_compileable(self) -> bool:  # type: ignore[override]
         # The layers' storage is static, but a step is planned on the host: generate() must not
-        # auto-compile a forward around it. The captured decode step (streaming_llm.decode) is the
+        # auto-compile a forward around it. The captured decode step (streaming_llm.core.decode) is the
         # compiled path.
         return False
 

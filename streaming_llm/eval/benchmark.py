@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from transformers import Cache, PreTrainedModel
 
-from .cache import StreamingCache
-from .compat import cache_kwargs
+from ..core.cache import StreamingCache
+from ..core.compat import cache_kwargs
 
 
 def sync(device: torch.device) -> None:
@@ -80,8 +80,8 @@ def measure_decode(
         ``prefill_tokens_per_s`` (over what was really streamed), ``streamed``, ``cache_mib``,
         ``peak_gpu_mib`` (None on CPU) and the generated ``tokens``.
     """
-    from .decode import Decoder
-    from .generation import prefill
+    from ..core.decode import Decoder
+    from ..runtime.generation import prefill
 
     device = model.device
     if device.type == "cuda":

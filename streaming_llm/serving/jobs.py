@@ -11,7 +11,7 @@ in one forward; this one runs everything on a single worker thread):
   take the same job description (session, new messages, sampling, limits) and step many sessions per
   forward instead of calling ``next()`` on one iterator at a time.
 - ``Ticket.events()`` is an async iterator of the events a job yields, in order:
-  :class:`~streaming_llm.generation.GenerationChunk` pieces, then exactly one final item: a
+  :class:`~streaming_llm.runtime.generation.GenerationChunk` pieces, then exactly one final item: a
   :class:`Done` (usage) or an exception (:class:`JobCancelled`, :class:`JobTimeout`, or whatever the
   work raised, e.g. ``ValueError`` for bad input found late).
 - Jobs for the same ``session_id`` run one after another in submission order; jobs for different
@@ -238,14 +238,14 @@ class Engine:
 
 class BatchingEngine(Engine):
     """Continuous batching: every iteration, the jobs about to feed one sampled token to a row of
-    ``decoder.cache`` (a :class:`~streaming_llm.slots.SlotCache`) are fed together in one batched
+    ``decoder.cache`` (a :class:`~streaming_llm.core.slots.SlotCache`) are fed together in one batched
     forward; then every job takes its step as in :class:`Engine` (prompt feeding stays per job, each
     session samples its own row's logits). The work runs a session on row ``b`` of that cache
     (``cache.row(b)`` as its cache) and records ``engine.rows[session_id] = b`` while it does; tokens for
     other caches are fed one job at a time as before.
 
     Args:
-        decoder: The :class:`~streaming_llm.slots.BatchedDecoder` over the rows.
+        decoder: The :class:`~streaming_llm.core.slots.BatchedDecoder` over the rows.
         max_queue: As in :class:`Engine`.
     """
 
@@ -256,7 +256,7 @@ class BatchingEngine(Engine):
         super().__init__(max_queue)
 
     def _step_all(self, running: dict, busy: set[str]) -> None:
-        from .generation import HANDOFF, GenerationChunk
+        from ..runtime.generation import HANDOFF, GenerationChunk
 
         # Jobs that end now never feed their pending token (as in Engine): end them first.
         for ticket in [t for t in running if self._ending(t)]:

@@ -1,15 +1,15 @@
 """The streaming attention function, registered with transformers' attention interface.
 
-Registered as ``"streaming_llm"``. With a :class:`~streaming_llm.cache.StreamingCache` it is a thin
+Registered as ``"streaming_llm"``. With a :class:`~streaming_llm.core.cache.StreamingCache` it is a thin
 adapter: the cache has already done the step (stored keys in the model's frame, sinks turned, new
-tokens written) and its :class:`~streaming_llm.cache.Plan` says which kernel runs: plain attention
+tokens written) and its :class:`~streaming_llm.core.cache.Plan` says which kernel runs: plain attention
 over the buffer (a steady decode step, or a chunk with no eviction inside), or the banded kernel for
 a chunk that crosses the eviction point. With any other cache, or none, it *is* transformers'
 ``sdpa`` attention, mask included, so a model can be switched once (:func:`install`) and used with
 every kind of cache.
 
 The cache reaches this function through the mask: a ``StreamingCache`` hands transformers a
-:class:`~streaming_llm.cache.StreamingStep` as its query offset, and the registered mask function
+:class:`~streaming_llm.core.cache.StreamingStep` as its query offset, and the registered mask function
 turns it into a :class:`StreamingMask` that every layer's attention receives.
 """
 
@@ -39,7 +39,7 @@ class StreamingMask:
 
 @dataclass(frozen=True)
 class SlotMask:
-    """The "mask" of a batched step of a :class:`~streaming_llm.slots.SlotCache`: which buffer slots
+    """The "mask" of a batched step of a :class:`~streaming_llm.core.slots.SlotCache`: which buffer slots
     each row sees, bool ``(rows, 1, 1, slots)``. Also the cache's query offset (the mask function
     hands it on unchanged)."""
 
@@ -147,7 +147,7 @@ def _banded(
 
     ``key``/``value`` are the working set ``[pinned | recent]``; recent key ``r`` has stream index
     ``plan.rest_start + r``. Query ``i`` (stream ``t``) sees recent keys in ``[t - recent_size, t]``
-    and the sinks ``j <= t``; the kernel (:func:`~streaming_llm.kernels.banded_attention`) picks a
+    and the sinks ``j <= t``; the kernel (:func:`~streaming_llm.core.kernels.banded_attention`) picks a
     fused path by device (no per-query loop, no score matrix larger than one block).
     """
     plan = group.plan

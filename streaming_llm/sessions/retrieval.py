@@ -16,7 +16,7 @@ the evicted passage that answers it will not find it; only ``budget`` tokens of 
 per turn; the index keeps the newest ``max_passages`` passages and prunes the oldest first.
 
 The index lives with the session: :meth:`RetrievalMemory.state` serialises the SQLite database into
-bytes that :mod:`streaming_llm.persistence` writes into the session file, and
+bytes that :mod:`streaming_llm.sessions.persistence` writes into the session file, and
 :meth:`RetrievalMemory.load_state` restores it, so it is saved, restored and deleted with the session.
 """
 
@@ -35,7 +35,7 @@ from .memory import encode_segment
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from .cache import StreamingCache
+    from ..core.cache import StreamingCache
     from .session import StreamingSession
 
 _STOPWORDS = (

@@ -1,6 +1,6 @@
-"""The decode step: one token through the model on a :class:`~streaming_llm.cache.StreamingCache`.
+"""The decode step: one token through the model on a :class:`~streaming_llm.core.cache.StreamingCache`.
 
-Once the ring is full every decode step is *steady* (see :mod:`streaming_llm.cache`): its shapes
+Once the ring is full every decode step is *steady* (see :mod:`streaming_llm.core.cache`): its shapes
 never change and everything that changes from step to step (token, position, ring slot, sink
 rotation) lives in device tensors written before the step. On CUDA such a step is captured once in
 a CUDA graph and replayed, as gpt-fast does, so a token costs one graph launch instead of

@@ -15,10 +15,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .attention import install
-from .cache import StreamingCache
-from .compat import cache_kwargs
-from .decode import decoder_for
+from ..core.attention import install
+from ..core.cache import StreamingCache
+from ..core.compat import cache_kwargs
+from ..core.decode import decoder_for
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .sampling import Sampler, SamplingConfig
 
@@ -99,7 +99,7 @@ def prefill(
 def decode_step(model: PreTrainedModel, cache: StreamingCache, token_id: int | torch.Tensor) -> torch.Tensor:
     """Feed one token; return the next-token logits (vocab,).
 
-    Runs through the cache's :class:`~streaming_llm.decode.Decoder`: on CUDA, steady steps replay a
+    Runs through the cache's :class:`~streaming_llm.core.decode.Decoder`: on CUDA, steady steps replay a
     captured CUDA graph (the returned logits are then overwritten by the next step).
     """
     return decoder_for(model, cache)(token_id)

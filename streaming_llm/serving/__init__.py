@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible HTTP server, its session store and its settings."""
