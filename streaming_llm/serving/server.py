@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -34,12 +33,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -47,167 +45,17 @@ from ..core.attention import install
 from ..core.cache import StreamingCache
 from ..core.slots import BatchedDecoder, SlotCache
 from ..runtime.generation import GenerationChunk, stream_generate
-from ..runtime.sampling import SamplingConfig
 from ..sessions.persistence import SessionFileError
 from ..sessions.session import SessionBrokenError, StreamingSession
 from .config import Limits
+from .guard import Guard
 from .jobs import BatchingEngine, Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
+from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
 from .store import Live, SessionStore, chain
 
 log = logging.getLogger(__name__)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: "stop"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
-class RequestError(Exception):
-    """Bad input found while handling a request: becomes an OpenAI-style error with ``status``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:  # fmt: skip
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
-
-
-# -- request schemas ----------------------------------------------------------------------------------------
-def _text(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("contains a lone surrogate (invalid Unicode); send valid UTF-8 text") from None
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-    _check = field_validator("text")(_text)
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, value):
-        return _text(value) if isinstance(value, str) else value
-
-    @property
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
-    @property
-    def kind(self) -> str:
-        return "system" if self.role == "developer" else self.role
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class Sampling(_Strict):
-    model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 0.0
-    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
-    top_k: Annotated[int, Field(ge=0, le=1_000_000)] = 0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 1.0
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
-    stop: (
-        Annotated[str, Field(min_length=1, max_length=256)]
-        | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)]
-        | None
-    ) = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-
-    @field_validator("stop", "user")
-    @classmethod
-    def _strings(cls, value):
-        for item in [value] if isinstance(value, str) else value or []:
-            _text(item)
-        return value
-
-    def config(self) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              repetition_penalty=self.repetition_penalty, seed=self.seed)  # fmt: skip
-
-    def stops(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value):
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("only one prompt per request is supported (a string, or a list of one string)")
-            value = value[0]
-        if not value:
-            raise ValueError("the prompt is empty")
-        return _text(value)
-
-
-# Fields OpenAI defines that this server does not implement: accepted only at their "off" value.
-UNSUPPORTED: dict[str, tuple[object, ...]] = {
-    "n": (1, None), "logprobs": (False, None), "top_logprobs": (None, 0), "tools": (None,), "tool_choice": (None,),
-    "functions": (None,), "function_call": (None,), "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}), "parallel_tool_calls": (None,), "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None), "echo": (False, None), "best_of": (1, None), "suffix": (None, ""),
-    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
-    "store": (False, None), "metadata": (None,), "service_tier": (None, "auto", "default"),
-}  # fmt: skip
-ALIASES = {"max_completion_tokens": "max_tokens"}
-
-
-def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
-    """Parse and check a JSON body; raise :class:`RequestError` (400) saying exactly what is wrong."""
-    try:
-        data = json.loads(raw)
-    except RecursionError:
-        raise RequestError(400, "The JSON body is nested too deeply.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
-        raise RequestError(400, f"The body is not valid JSON: {problem}.") from None
-    if not isinstance(data, dict):
-        raise RequestError(400, "The body must be a JSON object.")
-    unsupported = [name for name, off in UNSUPPORTED.items() if name in data and data[name] not in off]
-    if unsupported:
-        raise RequestError(400, f"Unsupported field(s): {', '.join(unsupported)}. This server generates one text "
-                                "choice per request, without tools, logprobs or penalties other than "
-                                "repetition_penalty; leave these fields out.", param=unsupported[0])  # fmt: skip
-    data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
-    for alias, name in ALIASES.items():
-        if alias in data:
-            if name in data and data[name] != data[alias]:
-                raise RequestError(400, f"Give {name} or {alias}, not both.", param=alias)
-            data[name] = data.pop(alias)
-    try:
-        return schema.model_validate(data)
-    except ValidationError as problem:
-        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in problem.errors())
-        first = ".".join(map(str, problem.errors()[0]["loc"])) if problem.errors() else None
-        raise RequestError(400, f"Invalid request: {details}.", param=first) from None
-    except RecursionError:
-        raise RequestError(400, "The JSON body is nested too deeply.") from None
 
 
 # -- the application ------------------------------------------------------------------------------------------
@@ -640,61 +488,6 @@ async def _sse(server: Server, ticket, events, first, body: Sampling, ident: str
             item = await anext(events)
     finally:
         ticket.cancel("client disconnected")  # no-op once finished
-
-
-class Guard:
-    """Pure-ASGI checks before any handler: Host (DNS rebinding), Origin (browsers), API key."""
-
-    def __init__(self, app, api_key: str | None, origins: tuple[str, ...], hosts: tuple[str, ...]):
-        self.app, self.api_key, self.origins, self.hosts = app, api_key, origins, hosts
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        problem = self.check(scope, headers)
-        if problem is not None:
-            return await problem(scope, receive, send)
-        origin = headers.get("origin")
-        if origin and scope["method"] == "OPTIONS":  # CORS preflight from an allowed origin
-            response = JSONResponse({}, headers=self._cors(origin))
-            return await response(scope, receive, send)
-        if origin:
-
-            async def send_with_cors(message):
-                if message["type"] == "http.response.start":
-                    message.setdefault("headers", [])
-                    message["headers"] += [(k.encode(), v.encode()) for k, v in self._cors(origin).items()]
-                await send(message)
-
-            return await self.app(scope, receive, send_with_cors)
-        return await self.app(scope, receive, send)
-
-    def _cors(self, origin: str) -> dict[str, str]:
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-                "Access-Control-Allow-Headers": "authorization, content-type, x-session-id",
-                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-                "Access-Control-Expose-Headers": "x-session-id"}  # fmt: skip
-
-    def check(self, scope, headers: dict[str, str]) -> JSONResponse | None:
-        host = headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        name = name.strip("[]").lower()
-        if "*" not in self.hosts and name not in {h.strip("[]").lower() for h in self.hosts}:
-            return error_response(421 if host else 400, f"Host {host!r} is not served here (DNS-rebinding protection); "
-                                  "start the server with --allowed-hosts to accept it.", "invalid_request_error",
-                                  code="host_not_allowed")  # fmt: skip
-        origin = headers.get("origin")
-        if origin and "*" not in self.origins and origin not in self.origins:
-            return error_response(403, f"Requests from the browser origin {origin!r} are refused; start the server "
-                                  "with --allowed-origins to allow it.", "permission_error",
-                                  code="origin_not_allowed")  # fmt: skip
-        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return error_response(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                                      "authentication_error", code="invalid_api_key")  # fmt: skip
-        return None
 
 
 def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
