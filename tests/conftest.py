@@ -30,6 +30,24 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
 
 
+def record_fed(engine, monkeypatch) -> list[int]:
+    """Every token id the engine's stepper feeds from now on (prefill chunks and decode steps), in order."""
+    fed: list[int] = []
+    prefill, decode = engine.stepper.prefill, engine.stepper.decode
+
+    def recording_prefill(b, ids):
+        fed.extend(int(i) for i in ids)
+        return prefill(b, ids)
+
+    def recording_decode(tokens):
+        fed.extend(int(t) for _, t in sorted(tokens.items()))
+        return decode(tokens)
+
+    monkeypatch.setattr(engine.stepper, "prefill", recording_prefill)
+    monkeypatch.setattr(engine.stepper, "decode", recording_decode)
+    return fed
+
+
 @pytest.fixture(autouse=True)
 def _quiet_small_window_warnings():
     # Tests use tiny windows on purpose; the warnings themselves are tested explicitly.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import record_fed, tiny_llama
 
 import streaming_llm
 from streaming_llm import StreamingCache
@@ -18,22 +18,7 @@ SYSTEM = "You are a terse assistant. Answer in one line."
 
 def recording(session: StreamingSession, monkeypatch) -> list[int]:
     """Record every id that goes into the session's cache from now on (turns and generated tokens)."""
-    import streaming_llm.runtime.generation as generation
-
-    fed: list[int] = []
-    original_feed, original_step = session.feed, generation.decode_step
-
-    def feed(ids):
-        fed.extend(ids)
-        return original_feed(ids)
-
-    def decode_step(model, cache, token_id):
-        fed.append(token_id)
-        return original_step(model, cache, token_id)
-
-    session.feed = feed
-    monkeypatch.setattr(generation, "decode_step", decode_step)
-    return fed
+    return record_fed(session.engine, monkeypatch)
 
 
 def test_incremental_template_equals_the_full_render(model, tokenizer, monkeypatch):
@@ -55,13 +40,14 @@ def test_pinned_system_prompt_is_never_evicted(model, tokenizer, monkeypatch):
     opening = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}], tokenize=False)
     pinned = len(tokenizer(opening, add_special_tokens=False)["input_ids"])
     assert session.stats().pinned_tokens == pinned > 4
-    keys = session.cache.layers[0].pinned_keys[:, :, :pinned].clone()
+    keys = session.state()[0]["cache.groups.0.pinned"]  # the canonical pinned keys (a snapshot)
+    assert keys.shape[-2] == pinned
     for _ in range(6):
         session.chat("Tell me something long.", max_new_tokens=20)
     stats = session.stats()
     assert stats.evicted_tokens > 0
     assert stats.cached_tokens == pinned + 32
-    torch.testing.assert_close(session.cache.layers[0].pinned_keys[:, :, :pinned], keys)  # still there, untouched
+    torch.testing.assert_close(session.state()[0]["cache.groups.0.pinned"], keys)  # still there, untouched
     assert session.cache.seen_tokens == pinned + len(fed)
 
 

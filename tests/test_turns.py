@@ -10,7 +10,7 @@ import tracemalloc
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import record_fed, tiny_llama
 
 import streaming_llm
 from streaming_llm import SessionBrokenError, SessionFileError, StreamingSession, generate, stream_generate
@@ -23,34 +23,19 @@ SYSTEM = "You are a terse assistant."
 class Scripted(Sampler):
     """A sampler that picks the given token ids in order (so a test decides how a reply ends)."""
 
+    greedy = False  # not the argmax: the engine must call it
+
     def __init__(self, ids):
         super().__init__()
         self.script = list(ids)
 
     def __call__(self, logits):
-        token = self.script.pop(0)
-        self.recent.append(token)
-        return token
+        return self.script.pop(0)
 
 
 def record(session, monkeypatch) -> list[int]:
-    """Every id fed to the session's cache from now on (by feed() and by decode steps)."""
-    import streaming_llm.runtime.generation as generation
-
-    fed: list[int] = []
-    original_feed, original_step = session.feed, generation.decode_step
-
-    def feed(ids):
-        fed.extend(ids)
-        return original_feed(ids)
-
-    def decode_step(model, cache, token_id):
-        fed.append(token_id)
-        return original_step(model, cache, token_id)
-
-    session.feed = feed
-    monkeypatch.setattr(generation, "decode_step", decode_step)
-    return fed
+    """Every id fed to the session's cache from now on (prompt chunks and decode steps)."""
+    return record_fed(session.engine, monkeypatch)
 
 
 def ids(tokenizer, text):
@@ -94,15 +79,13 @@ def test_after_any_turn_the_context_is_the_template_rendering(model, tokenizer, 
 
 
 def test_an_error_inside_a_forward_breaks_the_session_clearly(model, tokenizer, monkeypatch):
-    import streaming_llm.runtime.generation as generation
-
     session = StreamingSession(model, tokenizer, SYSTEM, recent_size=64)
     session.chat("Hello", max_new_tokens=3)
 
     def failing(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(generation, "decode_step", failing)
+    monkeypatch.setattr(session.engine.stepper, "decode", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         session.chat("Again", max_new_tokens=5)
     monkeypatch.undo()

@@ -1,16 +1,18 @@
 """The streaming attention function, registered with transformers' attention interface.
 
 Registered as ``"streaming_llm"``. With a :class:`~streaming_llm.core.cache.StreamingCache` it is a thin
-adapter: the cache has already done the step (stored keys in the model's frame, sinks turned, new
-tokens written) and its :class:`~streaming_llm.core.cache.Plan` says which kernel runs: plain attention
-over the buffer (a steady decode step, or a chunk with no eviction inside), or the banded kernel for
-a chunk that crosses the eviction point. With any other cache, or none, it *is* transformers'
+adapter: the cache has already done the step (stored keys in the model's frame, pinned keys turned,
+new tokens written), and the step's plan says what each layer computes: plain attention over the
+keys it returned (a decode step whose rows all see the same slots, or a chunk with no eviction
+inside), attention over per-row slot ranges (a decode step of rows that differ), or the banded kernel
+(a chunk that crosses the eviction point). With any other cache, or none, it *is* transformers'
 ``sdpa`` attention, mask included, so a model can be switched once (:func:`install`) and used with
 every kind of cache.
 
-The cache reaches this function through the mask: a ``StreamingCache`` hands transformers a
+The plan reaches this function through the mask: a ``StreamingCache`` hands transformers a
 :class:`~streaming_llm.core.cache.StreamingStep` as its query offset, and the registered mask function
-turns it into a :class:`StreamingMask` that every layer's attention receives.
+turns it into a :class:`StreamingMask`, through which each layer reads its part of the plan
+(``cache.attention_plan(layer_idx)``, an immutable description).
 """
 
 from __future__ import annotations
@@ -24,27 +26,17 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .architectures import bind_model
-from .cache import ATTN_IMPLEMENTATION, StreamingCache, StreamingStep
+from .cache import ATTN_IMPLEMENTATION, ChunkPlan, DecodePlan, StreamingCache, StreamingStep
 from .kernels import banded_attention
 
 
 @dataclass(frozen=True)
 class StreamingMask:
-    """The "mask" of a forward on a :class:`StreamingCache`: the cache itself (each layer's plan says
-    what to attend to)."""
+    """The "mask" of a forward on a :class:`StreamingCache`: the cache, whose current plan says what each
+    layer attends to."""
 
     cache: StreamingCache
     ndim = 4  # so that transformers hands it back unchanged when a caller passes it in again
-
-
-@dataclass(frozen=True)
-class SlotMask:
-    """The "mask" of a batched step of a :class:`~streaming_llm.core.slots.SlotCache`: which buffer slots
-    each row sees, bool ``(rows, 1, 1, slots)``. Also the cache's query offset (the mask function
-    hands it on unchanged)."""
-
-    mask: torch.Tensor
-    ndim = 4
 
 
 def streaming_attention_forward(
@@ -63,7 +55,7 @@ def streaming_attention_forward(
     returns ``(batch, q_len, heads, head_dim)``.
     """
     softcap = kwargs.get("softcap")  # Gemma 2's attention-logit soft-capping
-    if not isinstance(attention_mask, (StreamingMask, SlotMask)):  # any other cache, or none: plain attention
+    if not isinstance(attention_mask, StreamingMask):  # any other cache, or none: plain attention
         if softcap is None:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -72,13 +64,12 @@ def streaming_attention_forward(
         return _eager(query, key, value, attention_mask, scaling, softcap).transpose(1, 2).contiguous(), None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if isinstance(attention_mask, SlotMask):  # one token for each of many independent streams
-        return _slots(query, key, value, attention_mask.mask, scaling, softcap).transpose(1, 2).contiguous(), None
-    group = attention_mask.cache.layers[module.layer_idx].group
-    plan = group.plan
-    if plan.mode == "banded":
-        out = _banded(query, key, value, group, scaling, softcap)
-    else:  # steady (one query, every key visible) or inplace (bottom-right causal)
+    plan = attention_mask.cache.attention_plan(module.layer_idx)
+    if isinstance(plan, DecodePlan) and plan.uniform is None:  # one token per row, rows see different slots
+        out = _ranges(query, key, value, plan.lo, plan.hi, scaling, softcap)
+    elif isinstance(plan, ChunkPlan) and plan.mode == "banded":
+        out = _banded(query, key, value, plan, scaling, softcap)
+    else:  # every query sees every key it is given (bottom-right causal for several queries)
         out = _causal(query, key, value, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
 
@@ -97,14 +88,16 @@ def _causal(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
-def _slots(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float,
+def _ranges(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scaling: float,
     softcap: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """One query per row over that row's whole buffer, ``mask`` ``(rows, 1, 1, slots)`` saying which slots
-    it sees. The grouped-query heads are folded into the query length, so keys are never repeated."""
+    """One query per row over the slots ``[lo[b], hi[b])`` of that row's buffer (device bounds, no host read).
+    The grouped-query heads are folded into the query length, so keys are never repeated."""
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
+    slots = torch.arange(key.shape[-2], device=key.device)[None, :]
+    mask = ((slots >= lo[:, None]) & (slots < hi[:, None]))[:, None, None, :]
     q = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
     if softcap is not None:
         out = _eager(q, key, value, mask, scaling, softcap)
@@ -136,13 +129,9 @@ def _eager(
 
 
 def _banded(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    group,
-    scaling: float,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: ChunkPlan, scaling: float,
     softcap: float | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Each query attends to the pinned keys (turned to sit before its window) and its own window.
 
     ``key``/``value`` are the working set ``[pinned | recent]``; recent key ``r`` has stream index
@@ -150,16 +139,15 @@ def _banded(
     and the sinks ``j <= t``; the kernel (:func:`~streaming_llm.core.kernels.banded_attention`) picks a
     fused path by device (no per-query loop, no score matrix larger than one block).
     """
-    plan = group.plan
     n_pin = plan.n_pinned
-    n_sinks = n_pin - group.segment_len
+    n_sinks = n_pin - plan.segment_len
     device = query.device
     # Pinned logits use the query turned back by its offset: q' . k_pin == q . R(e) k_pin.
-    q_back = group.rope.rotate(query, -plan.offsets.to(device))
-    pin_index = torch.cat((torch.arange(n_sinks, device=device), torch.full((group.segment_len,), -1, device=device)))
+    q_back = plan.rope.rotate(query, -plan.offsets.to(device))
+    pin_index = torch.cat((torch.arange(n_sinks, device=device), torch.full((plan.segment_len,), -1, device=device)))
     return banded_attention(
         query, q_back, key[:, :, :n_pin], value[:, :, :n_pin], pin_index, key[:, :, n_pin:], value[:, :, n_pin:],
-        plan.rest_start, plan.t0, group.window.recent_size, scaling, softcap,
+        plan.rest_start, plan.t0, plan.recent_size, scaling, softcap,
     )  # fmt: skip
 
 
@@ -171,8 +159,6 @@ def streaming_mask(*args, q_offset=0, attention_mask: torch.Tensor | None = None
         ValueError: A padded batch (zeros among the new tokens' attention mask) on a streaming cache,
             which cannot be served exactly (every row would need its own positions).
     """
-    if isinstance(q_offset, SlotMask):  # a SlotCache's batched step
-        return q_offset
     if isinstance(q_offset, StreamingStep):
         if isinstance(attention_mask, StreamingMask):  # prepared earlier (generate() does so)
             attention_mask = None
@@ -197,6 +183,8 @@ def install(model: PreTrainedModel) -> PreTrainedModel:
     Raises:
         NotImplementedError: If the architecture cannot be streamed exactly.
     """
+    if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+        return model  # already switched (and bound)
     bind_model(model)  # also raises for unsupported architectures
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)

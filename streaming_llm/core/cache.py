@@ -1,41 +1,47 @@
-"""The StreamingLLM KV cache: attention sinks plus a rolling window in a preallocated ring.
+"""The StreamingLLM KV cache: rows of independent streams in one preallocated buffer per layer group.
 
-The cache owns the streaming step. Every ``update`` call receives the keys and values the model
-just computed (already rotated at the model's positions) and the model's position ids, and returns
-keys and values that attention can use as they are: stored keys brought into the model's frame,
-sinks turned to sit right before the window, the new tokens written into their slots. The
-attention function (:mod:`streaming_llm.core.attention`) only picks a kernel from the step's
-:class:`Plan`. Position arithmetic lives in :mod:`streaming_llm.core.positions`.
+Each *row* is a whole StreamingLLM stream: its own tokens seen, frame and positions, its own pinned
+prefix (the attention sinks, or a whole system prompt up to ``pinned_capacity`` tokens), an optional
+pinned memory segment (a summary or retrieved passages) and a rolling window of ``recent_size``
+tokens. One row is the single-stream case; the engine (:mod:`streaming_llm.runtime.engine`) keeps many
+sessions as rows of one cache and decodes them together.
 
-Layers that share a window and a RoPE (all full-attention layers of a model, say) form one
-:class:`StreamGroup`: one stream state (tokens seen, frame), one storage tensor for all of them and
-one per-step plan, so per-step work that is the same for every layer (turning the sinks) runs once
-for the whole group.
+The cache owns the streaming step. Before every forward it makes one host-side :class:`StepPlan` from
+host integers alone (no device read): which rows the forward feeds, where their tokens go, how
+their pinned keys turn, and which attention each layer runs. The model's ``cache.update`` calls then
+write the new keys and values as planned, and the attention function
+(:mod:`streaming_llm.core.attention`) reads the plan's per-layer description. Two kinds of step:
 
-Layout of one layer's buffer, shape ``(batch, kv_heads, slots, head_dim)``::
+* a **chunk** of ``L`` tokens for a range of rows in the same state (one row for the engine's prefill;
+  every row of an aligned batch for a plain transformers forward). Eager.
+* a **decode** step: one token for each of the rows ``0 .. n-1`` (``n`` a bucket). Everything that
+  changes between steps lives in device tensors written before the step, so the stepper
+  (:mod:`streaming_llm.core.stepper`) captures it once per bucket in a CUDA graph and replays it.
 
-    [ segment (capacity Z) | sinks (S) | ring (W + 1) ]
+Layers that share a window and RoPE form one :class:`LayerGroup` (all full-attention layers, say; a
+model with sliding-window layers has a second group that keeps the model's own window, no sinks).
 
-* sinks: the first ``start_size`` stream tokens, never evicted;
-* ring: the recent tokens; stream token ``u >= S`` lives in slot ``Z + S + (u - S) mod (W + 1)``.
-  One slot more than ``recent_size`` so a new token is written in place while the query still
-  sees the ``recent_size`` tokens before it;
-* segment: an optional injected pinned segment (hybrid or retrieval memory), right-aligned before
-  the sinks so that ``[segment | sinks | ring]`` is one contiguous view.
+Layout of one layer's buffer, shape ``(rows, kv_heads, slots + 1, head_dim)``, with ``R = Z + P``::
 
-The pinned keys (segment and sinks) are also kept *canonically*, rotated at their in-cache
-positions, in a second buffer with the same slot layout; each step writes them into the main
-buffer turned by ``e = m - K(t)`` (see positions).
+    [ segment area (Z) | pinned area (P) | ring (W + 1) | scratch (1) ]
 
-A decode step once the ring is full is *steady*: it writes one slot chosen by a device tensor,
-turns the pinned keys by a device tensor, and attends to the whole buffer with no mask. It reads
-no host value, so it can be captured in a CUDA graph and replayed (:mod:`streaming_llm.core.decode`).
+* Row ``b``'s pinned prefix (its first ``S_b <= P`` stream tokens) sits right-aligned against the ring,
+  in ``[R - S_b, R)``; its segment (``z_b <= Z`` tokens) right before it. What row ``b`` attends to,
+  ``[R - S_b - z_b, R + fill_b)``, is therefore one contiguous range.
+* Stream token ``u >= S_b`` lives in ring slot ``R + (u - S_b) mod (W + 1)``: one slot more than
+  ``recent_size``, so a new token is written in place while the query still sees the ``W`` before it.
+* The scratch slot takes the writes of rows that ride along in a decode bucket without decoding.
+
+The pinned keys are also kept *canonically*, rotated at their in-cache positions, in a second
+buffer; a step writes them into the main buffer turned by ``e = m - K(t)`` (see positions), so the
+pinned tokens sit right before the window for the query at model position ``m``.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -47,294 +53,402 @@ from .positions import Rope, Window
 
 ATTN_IMPLEMENTATION = "streaming_llm"
 PositionMode = Literal["absolute", "compact"]
+CacheState = tuple[dict[str, torch.Tensor], dict]
+"""``(tensors, counters)``: one row's saved state (see :meth:`StreamingCache.row_state`)."""
 
 
-@dataclass
-class Plan:
-    """What one step of a stream group does; read by every layer of the group and by attention.
+# -- what a step does (host data, read by the layers and by attention) ----------------------------------
+@dataclass(frozen=True)
+class ChunkPlan:
+    """A chunk of ``length`` tokens for the rows ``rows`` (all in the same state), in one layer group.
 
     Attributes:
-        t0: Stream index of the step's first token.
-        m0: Model position of the step's first token.
-        length: Tokens in the step.
-        mode: ``"steady"``: one token, ring full, the buffer is attended to whole with no mask;
-            ``"inplace"``: keys are a view of the buffer in stream order (plain bottom-right causal
-            attention is exact); ``"banded"``: the chunk crosses the eviction point, keys are a
-            temporary ``[pinned | recent]`` working set and every query needs its own window.
-        n_new_sinks: Tokens of this step that are sinks.
-        first_slot: ``inplace``/``steady``: first buffer slot of the returned view.
-        last_slot: ``inplace``/``steady``: one past the last buffer slot of the returned view.
-        n_pinned: ``banded``: pinned keys at the start of the working set.
+        rows: The rows fed (batch dimension of the forward).
+        t0: Stream index of the chunk's first token.
+        m0: Model position of the chunk's first token.
+        length: Tokens in the chunk.
+        mode: ``"view"``: keys are a view of the buffer in which the queries come last (plain
+            bottom-right causal attention is exact); ``"banded"``: the chunk crosses the eviction
+            point, keys are a temporary ``[pinned | recent]`` working set and every query needs its own
+            window (:func:`~streaming_llm.core.kernels.banded_attention`).
+        n_new_sinks: Tokens of this chunk that join the pinned prefix.
+        first_slot: ``view``: first buffer slot of the returned view.
+        last_slot: ``view``: one past its last slot.
+        n_pinned: ``banded``: pinned keys at the start of the working set (segment included).
+        segment_len: Tokens of the row's pinned segment.
         rest_start: ``banded``: stream index of the first recent key of the working set.
         offsets: ``banded``: per-query rotation ``e`` of the pinned keys, int64 ``(length,)``.
+        recent_size: The window.
+        rope: The group's rotary embedding (attention turns queries back for the pinned keys).
     """
 
+    rows: range
     t0: int
     m0: int
     length: int
-    mode: Literal["steady", "inplace", "banded"]
+    mode: Literal["view", "banded"]
     n_new_sinks: int = 0
     first_slot: int = 0
     last_slot: int = 0
     n_pinned: int = 0
+    segment_len: int = 0
     rest_start: int = 0
     offsets: torch.Tensor | None = None
+    recent_size: int = 0
+    rope: Rope | None = None
 
 
-class StreamGroup:
-    """Stream state and storage shared by layers with the same window and RoPE.
+@dataclass(frozen=True)
+class DecodePlan:
+    """One token for each of rows ``0 .. n-1`` of one layer group.
 
-    Storage, allocated on the first update: ``keys``/``values`` ``(layers, batch, kv_heads, slots,
-    dim)`` and ``pinned`` (canonical pinned keys, same slot layout, only the first ``Z + S`` slots).
+    Attributes:
+        n: The bucket (batch dimension of the forward).
+        uniform: ``(lo, hi)`` when every row of the bucket decodes and attends to the same slots (plain
+            attention over that slice, no mask); None when the rows differ (per-row ``lo``/``hi``).
+        turn_from: First slot whose pinned keys are turned this step (up to the ring).
+        lo: ``(n,)`` int64 device tensor: first slot row ``b`` attends to (read when not uniform).
+        hi: ``(n,)`` int64 device tensor: one past its last slot.
     """
 
-    def __init__(self, window: Window, rope: Rope, layer_ids: list[int], segment_capacity: int):
-        self.window, self.rope, self.layer_ids = window, rope, layer_ids
-        self.segment_capacity = segment_capacity
-        self.seen = 0  # stream tokens processed
-        self.shift: int | None = None  # a ring key of stream u is rotated at model position u - shift
-        self.segment_len = 0
-        self.pinned_rotation: int | None = None  # rotation currently applied to the pinned slots of `keys`
-        self.plan: Plan | None = None
-        self.prepared = False  # the current plan was made by prepare_decode(), not yet used
+    n: int
+    uniform: tuple[int, int] | None
+    turn_from: int
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def key(self) -> tuple:
+        """What a captured step depends on besides device tensors."""
+        return (self.n, self.uniform, self.turn_from)
+
+
+GroupPlan = ChunkPlan | DecodePlan
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One forward: a plan per layer group, in the cache's group order."""
+
+    groups: tuple[GroupPlan, ...]
+    rows: tuple[int, ...]  # rows whose stream advances
+
+    @property
+    def decode(self) -> bool:
+        return isinstance(self.groups[0], DecodePlan)
+
+    @property
+    def key(self) -> tuple:
+        return tuple(g.key for g in self.groups) if self.decode else ()
+
+
+# Per-row fields of a decode step, packed in one host buffer (one device copy per step): the token and
+# model position (shared by the groups), then per group the write slot, the rotation-table index of
+# the pinned turn, and the attended range [lo, hi).
+SHARED_FIELDS = ("token", "position")
+GROUP_FIELDS = ("slot", "turn", "lo", "hi")
+
+
+@dataclass
+class Row:
+    """One row's stream in one layer group.
+
+    Attributes:
+        window: ``(S_b, W)``: this row's pinned prefix and the window (``(0, w - 1)`` in a sliding group).
+        seen: Stream tokens processed.
+        shift: A ring key of stream index ``u`` is rotated at model position ``u - shift`` (None: no key yet).
+        segment_len: Tokens of the pinned segment.
+        rotation: Rotation the main buffer's pinned slots hold now (None: unknown, rewritten before use).
+    """
+
+    window: Window
+    seen: int = 0
+    shift: int | None = None
+    segment_len: int = 0
+    rotation: int | None = None
+
+    def same_stream(self, other: Row) -> bool:
+        return (self.window, self.seen, self.shift, self.segment_len) == (
+            other.window, other.seen, other.shift, other.segment_len
+        )  # fmt: skip
+
+
+class LayerGroup:
+    """Storage and per-row stream state of the layers that share a window and a RoPE.
+
+    Storage, allocated once: ``keys``/``values`` ``(layers, rows, kv_heads, slots + 1, dim)`` and
+    ``pinned`` (canonical pinned keys, ``(layers, rows, kv_heads, Z + P, dim)``).
+    """
+
+    def __init__(self, shape: Window, rope: Rope, layer_ids: list[int], segment_capacity: int, pinned_capacity: int):
+        self.shape, self.rope, self.layer_ids = shape, rope, layer_ids
+        self.segment_capacity, self.pinned_capacity = segment_capacity, pinned_capacity
+        self.rows: list[Row] = []
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.pinned: torch.Tensor | None = None
-        # Device scalars of the steady decode step (what a captured graph reads).
-        self.slot_index: torch.Tensor | None = None  # (1,) int64: ring slot of the new token
-        self.rotation: torch.Tensor | None = None  # (1,) int64: e of the query
-        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for signed rotations
 
-    # -- layout -------------------------------------------------------------------------------------
-    @property
-    def sink_base(self) -> int:
-        return self.segment_capacity
-
+    # -- layout -------------------------------------------------------------------------------------------
     @property
     def ring_base(self) -> int:
-        return self.segment_capacity + self.window.start_size
+        return self.segment_capacity + self.pinned_capacity
 
     @property
     def ring_size(self) -> int:
-        return self.window.recent_size + 1
+        return self.shape.recent_size + 1
 
     @property
     def slots(self) -> int:
+        """Slots a row attends to at most (the scratch slot is one more)."""
         return self.ring_base + self.ring_size
 
-    def ring_slot(self, u: int | torch.Tensor) -> int | torch.Tensor:
-        """Buffer slot of stream token ``u >= start_size``."""
-        return self.ring_base + (u - self.window.start_size) % self.ring_size
-
     @property
-    def num_sinks(self) -> int:
-        return min(self.seen, self.window.start_size)
+    def span(self) -> int:
+        """Largest rotation the decode table holds (either sign)."""
+        return 2 * (self.shape.recent_size + self.pinned_capacity + self.segment_capacity) + 64
+
+    def sink_base(self, b: int) -> int:
+        return self.ring_base - self.rows[b].window.start_size
+
+    def first(self, b: int) -> int:
+        """First slot row ``b`` attends to (its segment, else its pinned prefix, else its ring)."""
+        return self.sink_base(b) - self.rows[b].segment_len
+
+    def filled(self, b: int) -> int:
+        """One past the last slot row ``b`` has written."""
+        row = self.rows[b]
+        return self.ring_base + min(max(row.seen - row.window.start_size, 0), self.ring_size)
+
+    def ring_slot(self, u: int | torch.Tensor, start: int) -> int | torch.Tensor:
+        """Buffer slot of stream token ``u >= start`` (``start``: the row's pinned prefix)."""
+        return self.ring_base + (u - start) % self.ring_size
 
     @property
     def initialized(self) -> bool:
         return self.keys is not None
 
-    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, dim = key_states.shape
+    def allocate(self, rows: int, heads: int, dim: int, dim_v: int, dtype: torch.dtype, device) -> None:
         n = len(self.layer_ids)
-        kw = {"dtype": key_states.dtype, "device": key_states.device}
-        self.keys = torch.zeros(n, batch, heads, self.slots, dim, **kw)
-        self.values = torch.zeros(n, batch, heads, self.slots, value_states.shape[-1], **kw)
-        self.pinned = torch.zeros(n, batch, heads, self.ring_base, dim, **kw)
-        self.slot_index = torch.zeros(1, dtype=torch.int64, device=key_states.device)
-        self.rotation = torch.zeros(1, dtype=torch.int64, device=key_states.device)
-        work = torch.promote_types(key_states.dtype, torch.float32)
-        cos, sin = self.rope.cos_sin(torch.arange(self.table_rows), key_states.device)
+        kw = {"dtype": dtype, "device": device}
+        self.keys = torch.zeros(n, rows, heads, self.slots + 1, dim, **kw)
+        self.values = torch.zeros(n, rows, heads, self.slots + 1, dim_v, **kw)
+        self.pinned = torch.zeros(n, rows, heads, self.ring_base, dim, **kw)
+        work = torch.promote_types(dtype, torch.float32)
+        cos, sin = self.rope.cos_sin(torch.arange(-self.span, self.span + 1), torch.device(device))
         self._table = (cos.to(work), sin.to(work))
 
-    def reset(self) -> None:
-        self.seen, self.shift, self.segment_len, self.pinned_rotation, self.plan = 0, None, 0, None, None
-        self.prepared = False
+    def clear_row(self, b: int, window: Window) -> None:
+        """Start row ``b`` afresh with pinned prefix ``window.start_size`` (its storage zeroed)."""
+        while len(self.rows) <= b:
+            self.rows.append(Row(self.shape))
+        self.rows[b] = Row(window)
         if self.initialized:
             for t in (self.keys, self.values, self.pinned):
-                t.zero_()
+                t[:, b].zero_()
 
-    # -- the step, planned once per forward for the whole group ------------------------------------------
-    def plan_step(self, length: int, m0: int) -> Plan:
-        """Plan a step of ``length`` tokens whose first model position is ``m0``, and advance the stream.
+    # -- a chunk (eager) -----------------------------------------------------------------------------
+    def plan_chunk(self, rows: range, length: int, m0: int) -> ChunkPlan:
+        """Plan a chunk of ``length`` tokens at model positions ``m0 ..`` for ``rows``, and advance them.
 
-        Host work only (plus the rare eager work a step may need: re-framing the ring after a frame
-        change, turning the sinks for a non-steady step). For a steady step it writes the device
-        scalars :attr:`slot_index` and :attr:`rotation` that the step's device work reads.
+        Host work, plus the eager work a chunk may need: re-framing the ring after a frame change,
+        turning the pinned keys.
         """
-        w, t0 = self.window, self.seen
-        shift_in = t0 - m0
-        if self.shift is None:
-            self.shift = shift_in
-        if shift_in != self.shift:  # a new frame (rebase, or positions chosen by the caller): re-frame once
-            ring = self.keys[..., self.ring_base :, :]
-            ring.copy_(self.rope.rotate(ring, self.shift - shift_in))
-            self.shift = shift_in
+        b = rows.start
+        row = self.rows[b]
+        w, t0 = row.window, row.seen
+        self._enter_frame(rows, t0 - m0)
         end = t0 + length
         n_new_sinks = max(0, min(w.start_size, end) - t0)
         if length == 1 or end - 1 <= w.capacity:
-            if end <= w.start_size:
-                last = self.sink_base + end
-            else:
-                last = self.ring_base + min(end - w.start_size, self.ring_size)
-            first = self.sink_base - self.segment_len
-            e = m0 - w.in_cache_position(t0, self.segment_len)
-            steady = length == 1 and end - w.start_size >= self.ring_size and n_new_sinks == 0 and self.table_covers(e)
-            plan = Plan(t0, m0, length, "steady" if steady else "inplace", n_new_sinks, first, last)
-            if steady:
-                self.slot_index.fill_(self.ring_slot(t0))
-                self.rotation.fill_(e)
-                self.pinned_rotation = None
-            else:
-                self._turn_pinned(e)
+            last = (
+                self.sink_base(b) + end
+                if end <= w.start_size
+                else self.ring_base + min(end - w.start_size, self.ring_size)
+            )
+            self._turn_pinned(rows, m0 - w.in_cache_position(t0, row.segment_len))
+            plan = ChunkPlan(rows, t0, m0, length, "view", n_new_sinks, self.first(b), last,
+                             segment_len=row.segment_len, recent_size=w.recent_size, rope=self.rope)  # fmt: skip
         else:
-            offsets = w.pin_offsets(t0, m0, length, self.segment_len)
-            plan = Plan(
-                t0, m0, length, "banded", n_new_sinks,
-                n_pinned=min(end, w.start_size) + self.segment_len, rest_start=max(w.start_size, t0 - w.recent_size),
-                offsets=offsets,
+            plan = ChunkPlan(
+                rows, t0, m0, length, "banded", n_new_sinks, n_pinned=min(end, w.start_size) + row.segment_len,
+                segment_len=row.segment_len, rest_start=max(w.start_size, t0 - w.recent_size),
+                offsets=w.pin_offsets(t0, m0, length, row.segment_len), recent_size=w.recent_size, rope=self.rope,
             )  # fmt: skip
-        self.seen = end
-        self.plan = plan
+        for r in rows:
+            self.rows[r].seen = end
+            if plan.mode == "banded":
+                self.rows[r].rotation = None  # the buffer's sink slots will hold keys at the chunk's frame
         return plan
 
-    def turn_steady(self) -> None:
-        """Device work of a steady step shared by all layers: turn the pinned keys by :attr:`rotation`."""
-        first = self.sink_base - self.segment_len
-        last = self.sink_base + self.window.start_size
-        if last > first:
-            self.keys[..., first:last, :] = self.turn_by_table(self.pinned[..., first:last, :])
+    def _enter_frame(self, rows: range, shift: int) -> None:
+        """Make ``shift`` the rows' frame, re-rotating their ring once if it changes (a rebase)."""
+        old = self.rows[rows.start].shift
+        if old is not None and old != shift:
+            ring = self.keys[:, rows.start : rows.stop, :, self.ring_base : self.slots]
+            ring.copy_(self.rope.rotate(ring, old - shift))
+        for r in rows:
+            self.rows[r].shift = shift
 
-    def _turn_pinned(self, e: int) -> None:
-        """Write the canonical pinned keys into the buffer turned by ``e`` (all layers at once)."""
-        if self.pinned_rotation == e:
+    def _turn_pinned(self, rows: range, e: int) -> None:
+        """Write the canonical pinned keys of ``rows`` into the buffer, turned by ``e`` (all layers at once)."""
+        row = self.rows[rows.start]
+        if row.rotation == e:
             return
-        first = self.sink_base - self.segment_len
-        last = self.sink_base + self.num_sinks
+        first, last = self.first(rows.start), self.sink_base(rows.start) + min(row.seen, row.window.start_size)
         if last > first:
-            self.keys[..., first:last, :] = self.rope.rotate(self.pinned[..., first:last, :], e)
-        self.pinned_rotation = e
+            canonical = self.pinned[:, rows.start : rows.stop, :, first:last]
+            self.keys[:, rows.start : rows.stop, :, first:last] = self.rope.rotate(canonical, e)
+        for r in rows:
+            self.rows[r].rotation = e
 
-    def table_covers(self, e: int) -> bool:
-        return 0 <= e < self.table_rows
+    def write_chunk(self, plan: ChunkPlan, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store layer ``i``'s new keys/values ``(rows, kv_heads, length, dim)``; return what attention reads."""
+        keys, values, pinned = (t[i, plan.rows.start : plan.rows.stop] for t in (self.keys, self.values, self.pinned))
+        base, n = self.sink_base(plan.rows.start), plan.n_new_sinks
+        if n:  # canonical copies of new pinned tokens (rotated at their stream index)
+            pinned[:, :, base + plan.t0 : base + plan.t0 + n] = self.rope.rotate(k[:, :, :n], plan.t0 - plan.m0)
+        if plan.mode == "banded":
+            return self._banded(plan, keys, values, pinned, k, v)
+        if n:  # in the buffer they sit at the chunk's own frame: exactly the keys the model handed over
+            keys[:, :, base + plan.t0 : base + plan.t0 + n] = k[:, :, :n]
+            values[:, :, base + plan.t0 : base + plan.t0 + n] = v[:, :, :n]
+        if n < plan.length:
+            start = self.ring_slot(plan.t0 + n, self.rows[plan.rows.start].window.start_size)
+            keys[:, :, start : start + plan.length - n] = k[:, :, n:]
+            values[:, :, start : start + plan.length - n] = v[:, :, n:]
+        return keys[:, :, plan.first_slot : plan.last_slot], values[:, :, plan.first_slot : plan.last_slot]
 
-    @property
-    def table_rows(self) -> int:
-        return 2 * (self.window.capacity + self.segment_capacity) + 2 * self.ring_size + 64
-
-    def turn_by_table(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` rotated by the device scalar :attr:`rotation` (cos/sin gathered from a table, no host value)."""
-        cos = self._table[0].index_select(0, self.rotation)
-        sin = self._table[1].index_select(0, self.rotation)
-        return self.rope.apply(x, cos, sin)
-
-    # -- one layer's part of the step ----------------------------------------------------------------
-    def write(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store layer ``i``'s new keys/values for the current plan; return what attention reads."""
-        plan = self.plan
-        keys, values, pinned = self.keys[i], self.values[i], self.pinned[i]
-        if plan.mode == "steady":
-            keys.index_copy_(2, self.slot_index, k)
-            values.index_copy_(2, self.slot_index, v)
-            return keys[:, :, plan.first_slot : plan.last_slot], values[:, :, plan.first_slot : plan.last_slot]
-        n = plan.n_new_sinks
-        if n:  # canonical copies of new sinks (rotated at their stream index)
-            pinned[:, :, self.sink_base + plan.t0 : self.sink_base + plan.t0 + n] = self.rope.rotate(
-                k[:, :, :n], plan.t0 - plan.m0
-            )
-        if plan.mode == "inplace":
-            if n:  # in the buffer they sit at the step's own frame: exactly the keys the model handed over
-                keys[:, :, self.sink_base + plan.t0 : self.sink_base + plan.t0 + n] = k[:, :, :n]
-                values[:, :, self.sink_base + plan.t0 : self.sink_base + plan.t0 + n] = v[:, :, :n]
-            if n < plan.length:
-                start = self.ring_slot(plan.t0 + n)
-                keys[:, :, start : start + plan.length - n] = k[:, :, n:]
-                values[:, :, start : start + plan.length - n] = v[:, :, n:]
-            return keys[:, :, plan.first_slot : plan.last_slot], values[:, :, plan.first_slot : plan.last_slot]
-        return self._banded(i, k, v)
-
-    def _banded(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``[pinned (canonical) | past recent | new recent]`` as a temporary working set,
-        then keep only what survives the chunk."""
-        plan, s = self.plan, self.window.start_size
-        keys, values, pinned = self.keys[i], self.values[i], self.pinned[i]
-        n_old = min(plan.t0, s)
-        n = plan.n_new_sinks
-        seg = slice(self.sink_base - self.segment_len, self.sink_base)
-        sinks = slice(self.sink_base, self.sink_base + n_old + n)
+    def _banded(
+        self, plan: ChunkPlan, keys, values, pinned, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """``[pinned (canonical) | past recent | new recent]`` as a temporary working set; then keep only
+        what survives the chunk."""
+        start = self.rows[plan.rows.start].window.start_size
+        base, n = self.sink_base(plan.rows.start), plan.n_new_sinks
+        n_old = min(plan.t0, start)
+        seg = slice(base - plan.segment_len, base)
+        sinks = slice(base, base + n_old + n)
         pieces_k = [pinned[:, :, sinks], pinned[:, :, seg]]
-        pieces_v = [values[:, :, self.sink_base : self.sink_base + n_old], v[:, :, :n], values[:, :, seg]]
+        pieces_v = [values[:, :, base : base + n_old], v[:, :, :n], values[:, :, seg]]
         if plan.t0 > plan.rest_start:
-            slots = self.ring_slot(torch.arange(plan.rest_start, plan.t0, device=keys.device))
+            slots = self.ring_slot(torch.arange(plan.rest_start, plan.t0, device=keys.device), start)
             pieces_k.append(keys.index_select(2, slots))
             pieces_v.append(values.index_select(2, slots))
         pieces_k.append(k[:, :, n:])
         pieces_v.append(v[:, :, n:])
         work_k, work_v = torch.cat(pieces_k, dim=2), torch.cat(pieces_v, dim=2)
-        # Keep what survives: the new sinks, and the last ring_size recent tokens of the chunk.
-        if n:
-            keys[:, :, self.sink_base + plan.t0 : self.sink_base + plan.t0 + n] = k[:, :, :n]
-            values[:, :, self.sink_base + plan.t0 : self.sink_base + plan.t0 + n] = v[:, :, :n]
+        if n:  # keep what survives: the new pinned tokens, and the last ring_size recent tokens of the chunk
+            keys[:, :, base + plan.t0 : base + plan.t0 + n] = k[:, :, :n]
+            values[:, :, base + plan.t0 : base + plan.t0 + n] = v[:, :, :n]
         keep = min(plan.length - n, self.ring_size)
         end = plan.t0 + plan.length
-        slots = self.ring_slot(torch.arange(end - keep, end, device=keys.device))
+        slots = self.ring_slot(torch.arange(end - keep, end, device=keys.device), start)
         keys.index_copy_(2, slots, k[:, :, plan.length - keep :])
         values.index_copy_(2, slots, v[:, :, plan.length - keep :])
         return work_k, work_v
 
-    def finish(self) -> None:
-        """After the group's last layer: end the step."""
-        self.prepared = False
-        if self.plan is not None and self.plan.mode == "banded":
-            self.pinned_rotation = None  # the buffer's sink slots hold keys at the chunk's frame
+    # -- a decode step (device work reads device tensors only) ------------------------------------------
+    def decodable(self, b: int, m: int) -> bool:
+        """Whether row ``b`` can take a one-token decode step at model position ``m``: its pinned prefix is
+        complete and its pinned rotation is in the table."""
+        row = self.rows[b]
+        if row.seen < row.window.start_size:
+            return False
+        return abs(m - row.window.in_cache_position(row.seen, row.segment_len)) <= self.span
+
+    def decode_fields(self, b: int, m: int) -> tuple[int, int, int, int]:
+        """``(slot, turn index, lo, hi)`` of row ``b``'s one-token step at model position ``m``; advances it
+        (re-framing its ring first after a rebase)."""
+        row = self.rows[b]
+        t = row.seen
+        self._enter_frame(range(b, b + 1), t - m)
+        e = m - row.window.in_cache_position(t, row.segment_len)
+        row.seen, row.rotation = t + 1, e
+        return self.ring_slot(t, row.window.start_size), e + self.span, self.first(b), self.filled(b)
+
+    def idle_fields(self, b: int) -> tuple[int, int, int, int]:
+        """Fields of a row that rides along without decoding: writes go to the scratch slot, its pinned
+        keys are rewritten at the rotation they hold (0 when unknown), and it attends to one slot."""
+        row = self.rows[b]
+        if row.rotation is None:
+            row.rotation = 0
+        return self.slots, row.rotation + self.span, 0, 1
+
+    def turn_decode(self, plan: DecodePlan, turn: torch.Tensor) -> None:
+        """Turn the pinned keys of rows ``0 .. n-1`` (all layers) by each row's rotation ``turn`` (table index)."""
+        if plan.turn_from >= self.ring_base:
+            return
+        cos = self._table[0].index_select(0, turn)[:, None, None, :]  # (n, 1, 1, half)
+        sin = self._table[1].index_select(0, turn)[:, None, None, :]
+        region = slice(plan.turn_from, self.ring_base)
+        self.keys[:, : plan.n, :, region] = self.rope.apply(self.pinned[:, : plan.n, :, region], cos, sin)
+
+    def write_decode(
+        self, plan: DecodePlan, i: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write layer ``i``'s new key/value ``(n, kv_heads, 1, dim)`` of each row at its slot; return the rows'
+        buffers (the uniform slice, or every slot when rows differ)."""
+        keys, values = self.keys[i, : plan.n], self.values[i, : plan.n]
+        index = slot[:, None, None, None].expand(-1, keys.shape[1], 1, keys.shape[3])
+        keys.scatter_(2, index, k)
+        values.scatter_(2, slot[:, None, None, None].expand(-1, values.shape[1], 1, values.shape[3]), v)
+        lo, hi = plan.uniform or (0, self.slots)
+        return keys[:, :, lo:hi], values[:, :, lo:hi]
+
+    # -- saving and restoring one row -----------------------------------------------------------------
+    def row_tensors(self, b: int) -> dict[str, torch.Tensor]:
+        """Copies of row ``b``'s filled slots: ``[segment | pinned | ring written so far]``."""
+        first, filled = self.first(b), self.filled(b)
+        return {
+            "keys": self.keys[:, b : b + 1, :, first:filled].clone(),
+            "values": self.values[:, b : b + 1, :, first:filled].clone(),
+            "pinned": self.pinned[:, b : b + 1, :, first : self.ring_base].clone(),
+        }
+
+    def restore_row(self, b: int, tensors: dict[str, torch.Tensor], saved: dict, window: Window) -> None:
+        """Copy a saved row into row ``b`` (after :meth:`clear_row`).
+
+        Raises:
+            ValueError: Tensors or counters that do not fit this group.
+        """
+        keys, values, pinned = tensors["keys"], tensors["values"], tensors["pinned"]
+        segment_len = int(saved["segment_len"])
+        if not 0 <= segment_len <= self.segment_capacity:
+            raise ValueError(f"A segment of {segment_len} tokens does not fit this cache's {self.segment_capacity}.")
+        self.rows[b] = Row(window, int(saved["seen"]), saved["shift"], segment_len)
+        first, filled = self.first(b), self.filled(b)
+        expected = (len(self.layer_ids), 1, self.keys.shape[2], filled - first, self.keys.shape[4])
+        if tuple(keys.shape) != expected or tuple(pinned.shape[-2:]) != (self.ring_base - first, expected[-1]):
+            raise ValueError(f"Saved tensors of shape {tuple(keys.shape)} do not fit this model and these sizes.")
+        self.keys[:, b : b + 1, :, first:filled] = keys
+        self.values[:, b : b + 1, :, first:filled] = values
+        self.pinned[:, b : b + 1, :, first : self.ring_base] = pinned
+
+    def set_segment(self, b: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Make ``keys``/``values`` (per model layer, ``(1, kv_heads, n, dim)``, keys rotated at the canonical
+        positions ``S_b ..``) row ``b``'s pinned segment."""
+        n = keys[0].shape[-2]
+        base = self.sink_base(b)
+        for j, layer in enumerate(self.layer_ids):
+            self.pinned[j, b : b + 1, :, base - n : base] = keys[layer]
+            self.values[j, b : b + 1, :, base - n : base] = values[layer]
+        self.rows[b].segment_len, self.rows[b].rotation = n, None
 
 
 class StreamingLayer(CacheLayerMixin):
-    """One decoder layer of a :class:`StreamingCache`: a view of its group's storage.
+    """One decoder layer of a :class:`StreamingCache`, as transformers sees it: a view of its group.
 
-    Exposes transformers' layer interface (``keys``, ``values``, ``get_seq_length``, ...); the
-    streaming step itself is the group's.
+    The streaming step itself is the group's; this class answers transformers' layer interface.
     """
 
     is_sliding = False
-    is_compileable = True
+    is_compileable = False
     is_croppable = False
 
-    def __init__(self, group: StreamGroup, index: int):
+    def __init__(self, group: LayerGroup, index: int):
         super().__init__()
         self.group, self.index = group, index
-
-    @property
-    def window(self) -> Window:
-        return self.group.window
-
-    @property
-    def rope(self) -> Rope:
-        return self.group.rope
-
-    @property
-    def seen(self) -> int:
-        return self.group.seen
-
-    @seen.setter
-    def seen(self, value: int) -> None:
-        self.group.seen = value
-
-    @property
-    def shift(self) -> int | None:
-        return self.group.shift
-
-    @shift.setter
-    def shift(self, value: int | None) -> None:
-        self.group.shift = value
-
-    @property
-    def segment_len(self) -> int:
-        return self.group.segment_len
-
-    @property
-    def ring_size(self) -> int:
-        return self.group.ring_size
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
@@ -353,11 +467,6 @@ class StreamingLayer(CacheLayerMixin):
         pass
 
     @property
-    def pinned_keys(self) -> torch.Tensor | None:
-        """Canonical pinned keys ``(batch, kv_heads, Z + S, head_dim)``: segment slots, then sinks."""
-        return None if self.group.pinned is None else self.group.pinned[self.index]
-
-    @property
     def is_initialized(self) -> bool:  # type: ignore[override]
         return self.group.initialized
 
@@ -366,23 +475,22 @@ class StreamingLayer(CacheLayerMixin):
         pass
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if not self.group.initialized:
-            self.group.allocate(key_states, value_states)
+        raise RuntimeError("A StreamingCache allocates its storage itself (StreamingCache.update).")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise RuntimeError("StreamingLayer.update is driven by StreamingCache.update.")
 
     def get_seq_length(self) -> int:
-        return self.group.seen
+        return self.group.rows[0].seen if self.group.rows else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, self.group.seen
+        return query_length, self.get_seq_length()
 
     def get_max_length(self) -> int:
-        return self.group.window.capacity
+        return self.group.shape.capacity
 
     def reset(self) -> None:
-        self.group.reset()
+        raise NotImplementedError("Reset the whole StreamingCache (cache.reset()).")
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -392,7 +500,7 @@ class StreamingLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError(
-            "Selecting batch rows of a StreamingCache is not supported; use one cache per stream."
+            "Selecting batch rows of a StreamingCache is not supported; use one StreamingCache per sequence (or rows)."
         )
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -403,42 +511,63 @@ class StreamingLayer(CacheLayerMixin):
             "Beam search is not supported with a StreamingCache: it needs one StreamingCache per sequence."
         )
 
-    @property
-    def nbytes(self) -> int:
-        g = self.group
-        if not g.initialized:
-            return 0
-        return sum(t[self.index].numel() * t.element_size() for t in (g.keys, g.values, g.pinned))
+
+@dataclass(frozen=True)
+class RowStats:
+    """Where one row stands (what sessions and the server report).
+
+    Attributes:
+        seen_tokens: Tokens processed since the row was assigned.
+        cached_tokens: Tokens the next query attends to besides itself (pinned, segment, window).
+        evicted_tokens: Tokens dropped from the window so far.
+        pinned_tokens: The row's pinned prefix (sinks, or a whole pinned system prompt).
+        segment_tokens: Tokens of its pinned memory segment.
+        capacity: Most tokens the row ever holds (pinned + window + segment capacity).
+        cache_bytes: Bytes of cache storage that belong to the row (constant).
+    """
+
+    seen_tokens: int
+    cached_tokens: int
+    evicted_tokens: int
+    pinned_tokens: int
+    segment_tokens: int
+    capacity: int
+    cache_bytes: int
 
 
 class StreamingCache(Cache):
-    """A transformers ``Cache`` that keeps attention sinks plus a rolling window, exactly.
+    """A transformers ``Cache`` that keeps attention sinks plus a rolling window, exactly, for one or many rows.
 
-    After a token is processed the cache holds the first ``start_size`` tokens and the latest
+    After a token is processed a row holds its first ``start_size`` tokens and its latest
     ``recent_size`` tokens (that token included); the next token attends to those and itself, at
-    positions inside the cache. Memory is fixed: ``start_size + recent_size + 1`` slots per layer
-    (plus ``start_size`` canonical sink keys).
+    positions inside the cache. Memory is fixed: per row and layer ``segment_capacity +
+    pinned_capacity + recent_size + 2`` slots (plus the canonical pinned keys).
 
-    The model must run the streaming attention (``enable_streaming_llm(model)`` or
-    :func:`streaming_llm.core.attention.install` sets it up); with it, a model still behaves exactly like
-    ``sdpa`` with any other cache.
+    With ``rows=1`` (the default) it is a single stream that any transformers loop can drive:
+    ``model(..., past_key_values=cache)``, ``generate()``, the seed loop. The model must run the
+    streaming attention (``enable_streaming_llm(model)`` or :func:`streaming_llm.core.attention.install`);
+    with it, a model still behaves exactly like ``sdpa`` with any other cache. With ``rows > 1`` each
+    row is an independent stream: the engine and the stepper plan each forward (:meth:`plan_chunk`,
+    :meth:`plan_decode`); a plain forward must then feed every row, all in the same state.
 
-    **What the cache tells transformers.** ``get_seq_length()`` is the number of tokens processed,
-    so ``generate()`` continues a conversation by feeding exactly the new tokens. Positions: the
-    model may use any contiguous positions (the cache brings stored keys into their frame). Loops
-    that let the model derive positions from the cache rotate at absolute positions, exact while
-    float32 RoPE is (tens of thousands of tokens). For endless streams, either pass
-    ``position_ids=cache.position_ids(n)`` (what :func:`~streaming_llm.runtime.generation.stream_generate`
-    and sessions do) or create the cache with ``positions="compact"`` (what the seed API does): then
-    ``get_seq_length()`` is the position for the next token, kept below ``2 * (start + recent)``.
+    **What the cache tells transformers.** ``get_seq_length()`` is the number of tokens processed (row
+    0), so ``generate()`` continues a conversation by feeding exactly the new tokens. Positions: the
+    model may use any contiguous positions (the cache brings stored keys into their frame). For endless
+    streams, pass ``position_ids=cache.position_ids(n)`` (what the engine does) or create the cache with
+    ``positions="compact"`` (what the seed API does): then ``get_seq_length()`` is the position for the
+    next token, kept below ``2 * (start + recent)``.
 
     Args:
         config: The model's config (or the model).
-        start_size: Number of first tokens kept forever (attention sinks). Default 4.
-        recent_size: Number of most recent tokens kept. Default 2000.
-        segment_capacity: Slots for an injected pinned segment after the sinks (memory features).
+        start_size: Attention sinks of a new row (default 4).
+        recent_size: Recent tokens kept per row (default 2000).
+        segment_capacity: Slots per row for an injected pinned segment (memory features).
         positions: ``"absolute"`` or ``"compact"``, see above. Default ``"absolute"``, except for
             models whose RoPE changes past a position (Phi-3 longrope), which need ``"compact"``.
+        rows: Independent streams held. None (default): one, or as many as the first forward's batch.
+        pinned_capacity: Largest pinned prefix of a row (default ``start_size``); a row assigned with a
+            longer ``start_size`` (a whole system prompt) needs it.
+        dtype, device: Allocate the storage now (default: on the first update, from the keys).
 
     Raises:
         NotImplementedError: Unsupported architecture (the message lists the supported ones).
@@ -451,48 +580,196 @@ class StreamingCache(Cache):
 
     def __init__(
         self, config: PretrainedConfig, start_size: int = 4, recent_size: int = 2000, segment_capacity: int = 0,
-        positions: PositionMode | None = None,
+        positions: PositionMode | None = None, *, rows: int | None = None, pinned_capacity: int | None = None,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
     ):  # fmt: skip
         check_sizes(start_size, recent_size)
-        if not isinstance(segment_capacity, int) or segment_capacity < 0:
-            raise ValueError(f"segment_capacity must be an int >= 0, got {segment_capacity!r}")
+        pinned_capacity = start_size if pinned_capacity is None else pinned_capacity
+        check_int("segment_capacity", segment_capacity, 0)
+        check_int("pinned_capacity", pinned_capacity, start_size)
+        check_int("rows", 1 if rows is None else rows, 1)
         if positions not in (None, "absolute", "compact"):
             raise ValueError(f"positions must be 'absolute' or 'compact', got {positions!r}")
         self.config = getattr(config, "config", config)
         self.spec: ModelSpec = describe(self.config)
         limit = self.spec.position_limit
-        if positions is None:  # a RoPE that changes past a position cannot run at absolute positions
-            positions = "absolute" if limit is None else "compact"
+        self.positions: PositionMode = positions or ("absolute" if limit is None else "compact")
         self.window = Window(start_size, recent_size, limit)
-        if limit is not None and self.window.capacity + segment_capacity >= limit:
+        if limit is not None and pinned_capacity + recent_size + segment_capacity >= limit // 2:
             raise ValueError(
                 f"This model's RoPE changes frequencies past position {limit}, so the cache must stay well below it: "
-                f"start_size + recent_size = {self.window.capacity} is too large; use at most {limit // 2}."
+                f"{pinned_capacity + recent_size + segment_capacity} pinned + recent + segment tokens is too many; "
+                f"use at most {limit // 2 - 1}."
             )
-        self.segment_capacity = segment_capacity
-        self.positions: PositionMode = positions
-        groups: dict[tuple, StreamGroup] = {}
-        members: list[tuple[StreamGroup, int]] = []
+        self.segment_capacity, self.pinned_capacity = segment_capacity, pinned_capacity
+        self.groups, members = self._make_groups(limit)
+        self.main = max(self.groups, key=lambda g: (g.shape is self.window, g.shape.capacity))
+        super().__init__(layers=[StreamingLayer(g, j) for g, j in members])
+        self.free: set[int] = set()
+        self._n_rows = rows
+        self._plan: StepPlan | None = None  # the current forward's plan (attention reads it after the updates)
+        self._plan_used = False
+        self._position_memo: tuple[torch.Tensor, int] | None = None
+        self._host: torch.Tensor | None = None  # decode fields (host), see plan_decode
+        self._dev: torch.Tensor | None = None
+        if rows is not None:
+            self._start_rows(rows, live=rows == 1)
+        if dtype is not None or device is not None:
+            if rows is None:
+                raise ValueError("Give rows= to allocate the storage up front (dtype/device).")
+            self._allocate(rows, dtype or torch.float32, torch.device(device or "cpu"))
+
+    def _make_groups(self, limit: int | None) -> tuple[list[LayerGroup], list[tuple[LayerGroup, int]]]:
+        """The layer groups, and for every model layer its group and index in it."""
+        groups: dict[tuple, LayerGroup] = {}
+        members: list[tuple[LayerGroup, int]] = []
         for i, spec in enumerate(self.spec.layers):
             full = spec.sliding_window is None  # full attention: sinks + window; else the model's own window
             key = (spec.sliding_window, spec.rope.rotary_dim, tuple(spec.rope.inv_freq.tolist()))
             if key not in groups:
-                window = self.window if full else Window(0, spec.sliding_window - 1, limit)
-                groups[key] = StreamGroup(window, spec.rope, [], segment_capacity if full else 0)
-            group = groups[key]
-            members.append((group, len(group.layer_ids)))
-            group.layer_ids.append(i)
-        super().__init__(layers=[StreamingLayer(g, j) for g, j in members])
-        self.groups = list(groups.values())
-        # Positions follow the group that holds the most (a full-attention group when there is one).
-        self.main = max(self.groups, key=lambda g: (g.window is self.window, g.window.capacity))
-        self._position_memo: tuple[torch.Tensor, int] | None = None
-        self._issued: torch.Tensor | None = None
+                shape = self.window if full else Window(0, spec.sliding_window - 1, limit)
+                segment, pinned = (self.segment_capacity, self.pinned_capacity) if full else (0, 0)
+                groups[key] = LayerGroup(shape, spec.rope, [], segment, pinned)
+            members.append((groups[key], len(groups[key].layer_ids)))
+            groups[key].layer_ids.append(i)
+        return list(groups.values()), members
 
-    # -- sizes and counters -----------------------------------------------------------------------
+    # -- rows ---------------------------------------------------------------------------------------------
+    def _start_rows(self, rows: int, live: bool) -> None:
+        """``rows`` fresh rows: all live (one row, or an aligned batch), or all free (for the engine to assign)."""
+        self._n_rows = rows
+        for b in range(rows):
+            for g in self.groups:
+                g.clear_row(b, g.shape)
+        self.free = set() if live else set(range(rows))
+
+    def _allocate(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        for g in self.groups:
+            g.allocate(rows, heads, dim, dim, dtype, device)
+        fields = len(SHARED_FIELDS) + len(GROUP_FIELDS) * len(self.groups)
+        self._host = torch.zeros(fields, rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._dev = torch.zeros(fields, rows, dtype=torch.int64, device=device)
+
+    def allocate(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Allocate the storage now if it is not yet (a lazily sized cache gets one row). Idempotent.
+
+        Raises:
+            ValueError: The storage exists with another dtype or device.
+        """
+        if self.groups[0].initialized:
+            keys = self.groups[0].keys
+            if keys.dtype != dtype or keys.device != torch.device(device):
+                raise ValueError(f"This cache lives in {keys.dtype} on {keys.device}, not {dtype} on {device}.")
+            return
+        if self._n_rows is None:
+            self._start_rows(1, live=True)
+        self._allocate(self.rows, dtype, torch.device(device))
+
+    @property
+    def rows(self) -> int:
+        """Rows held (1 until a lazily allocated cache sees its first batch)."""
+        return self._n_rows or 1
+
+    @property
+    def live(self) -> list[int]:
+        """Assigned rows, in order."""
+        return [b for b in range(self.rows) if b not in self.free]
+
+    def assign(self, b: int | None = None, *, start_size: int | None = None, state: CacheState | None = None) -> int:
+        """Give row ``b`` (default: the lowest free row) a new stream, fresh or restored from ``state``.
+
+        Args:
+            b: The row; must be free.
+            start_size: Its pinned prefix (default: the cache's ``start_size``), at most ``pinned_capacity``.
+            state: A saved row (:meth:`row_state` of this or another cache of the same model and sizes).
+
+        Returns:
+            The row.
+
+        Raises:
+            RuntimeError: No free row.
+            ValueError: ``b`` taken or out of range; a pinned prefix or state that does not fit.
+        """
+        self._require_storage()
+        if b is None:
+            if not self.free:
+                raise RuntimeError(f"All {self.rows} rows are taken; release one first.")
+            b = min(self.free)
+        self._check_row(b)
+        if b not in self.free:
+            raise ValueError(f"Row {b} already holds a stream; release({b}) it first.")
+        if state is not None:
+            self._restore(b, *state)
+        else:
+            self._clear(b, self.window.start_size if start_size is None else start_size)
+        self.free.discard(b)
+        return b
+
+    def release(self, b: int) -> None:
+        """Free row ``b``; its storage is zeroed when it is assigned again.
+
+        Raises:
+            ValueError: ``b`` is out of range or already free.
+        """
+        self._check_row(b)
+        if b in self.free:
+            raise ValueError(f"Row {b} is not assigned.")
+        self.free.add(b)
+
+    def _check_row(self, b: int) -> None:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.rows:
+            raise ValueError(f"Row {b!r} does not exist: this cache has rows 0..{self.rows - 1}.")
+
+    def _check_live(self, b: int) -> None:
+        self._check_row(b)
+        if b in self.free:
+            raise ValueError(f"Row {b} is not assigned; call assign({b}) first.")
+
+    def _clear(self, b: int, start_size: int) -> None:
+        if (
+            isinstance(start_size, bool)
+            or not isinstance(start_size, int)
+            or not 0 <= start_size <= self.pinned_capacity
+        ):
+            raise ValueError(
+                f"A row's pinned prefix must be 0..{self.pinned_capacity} tokens (pinned_capacity), got {start_size!r}."
+            )
+        for g in self.groups:
+            g.clear_row(b, replace(g.shape, start_size=start_size) if g.pinned_capacity else g.shape)
+
+    def _require_storage(self) -> None:
+        if not self.groups[0].initialized:
+            raise RuntimeError("This cache has no storage yet: create it with rows=, dtype= and device=.")
+
+    def row(self, b: int) -> RowStats:
+        """Where row ``b`` stands (read-only numbers)."""
+        self._check_live(b)
+        r = self.main.rows[b]
+        return self._stats(r.window.start_size, r.seen, r.segment_len)
+
+    def stats_for(self, state: CacheState) -> RowStats:
+        """The :class:`RowStats` a row restored from ``state`` would have (no row needed)."""
+        counters = state[1]
+        saved = counters["groups"][self.groups.index(self.main)]
+        return self._stats(int(counters["start_size"]), int(saved["seen"]), int(saved["segment_len"]))
+
+    def _stats(self, start: int, seen: int, segment: int) -> RowStats:
+        capacity = start + self.recent_size
+        held = min(seen, capacity)
+        return RowStats(seen, held + segment, seen - held, start, segment, capacity + self.segment_capacity,
+                        self.row_bytes)  # fmt: skip
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of storage one row holds (constant)."""
+        return self.nbytes // self.rows
+
+    # -- sizes and counters (row 0: the single-stream case) ----------------------------------------------
     @property
     def start_size(self) -> int:
-        return self.window.start_size
+        """Row 0's pinned prefix (the cache's default for new rows before any row exists)."""
+        return self.main.rows[0].window.start_size if self.main.rows else self.window.start_size
 
     @property
     def recent_size(self) -> int:
@@ -500,17 +777,22 @@ class StreamingCache(Cache):
 
     @property
     def seen_tokens(self) -> int:
-        """Tokens processed since the cache was created or reset."""
-        return self.main.seen
+        """Tokens row 0 has processed since it was assigned."""
+        return self.main.rows[0].seen if self.main.rows else 0
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens the next query can attend to (besides itself), the pinned segment included."""
-        return min(self.seen_tokens, self.window.capacity) + self.segment_len
+        """Tokens row 0's next query can attend to (besides itself), the pinned segment included."""
+        return self.row(0).cached_tokens if self.main.rows else 0
 
     @property
     def evicted_tokens(self) -> int:
-        return self.seen_tokens - min(self.seen_tokens, self.window.capacity)
+        return self.row(0).evicted_tokens if self.main.rows else 0
+
+    @property
+    def segment_len(self) -> int:
+        """Tokens in row 0's pinned segment (memory features), 0 without one."""
+        return self.main.rows[0].segment_len if self.main.rows else 0
 
     @property
     def nbytes(self) -> int:
@@ -520,33 +802,26 @@ class StreamingCache(Cache):
         )
 
     @property
-    def segment_len(self) -> int:
-        """Tokens in the injected pinned segment (memory features), 0 without one."""
-        return self.main.segment_len
-
-    @property
     def is_compileable(self) -> bool:  # type: ignore[override]
-        # The layers' storage is static, but a step is planned on the host: generate() must not
-        # auto-compile a forward around it. The captured decode step (streaming_llm.core.decode) is the
-        # compiled path.
+        # Steps are planned on the host: generate() must not auto-compile a forward around them. The
+        # captured decode step (streaming_llm.core.stepper) is the compiled path.
         return False
 
-    # -- positions ------------------------------------------------------------------------------------
-    def next_position(self) -> int:
-        """The small model position to give the next token (rebased when it would pass 2x the cache)."""
-        g = self.main
-        return g.window.next_model_position(g.seen, g.shift, g.segment_len)
+    # -- positions -----------------------------------------------------------------------------------------
+    def next_position(self, b: int = 0) -> int:
+        """The small model position to give row ``b``'s next token (rebased when it would pass 2x the cache)."""
+        r = self.main.rows[b] if self.main.rows else Row(self.window)
+        return r.window.next_model_position(r.seen, r.shift, r.segment_len)
 
     def position_ids(self, length: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Position ids ``(1, length)`` for the next ``length`` tokens, kept small for endless streams.
+        """Position ids ``(1, length)`` for row 0's next ``length`` tokens, kept small for endless streams.
 
-        Pass them to the model (``position_ids=``); the cache recognises them and reads nothing back
-        from the device.
+        Pass them to the model (``position_ids=``); the cache recognises them and reads nothing back.
         """
         device = device if device is not None else (self.main.keys.device if self.main.initialized else "cpu")
         m = self.next_position()
         ids = torch.arange(m, m + length, device=device)[None]
-        self._issued, self._position_memo = ids, (ids, m)
+        self._position_memo = (ids, m)
         return ids
 
     def _first_position(self, position_ids: torch.Tensor | None, length: int) -> int:
@@ -562,22 +837,105 @@ class StreamingCache(Cache):
         if rows.shape[-1] != length or not bool((rows == expected).all()):
             raise ValueError(
                 "StreamingCache needs contiguous position ids, identical for every row of the batch (no padding). "
-                "Feed one unpadded sequence per cache, or batches of equal-length rows."
-            )
-        limit = self.window.position_limit
-        if limit is not None and m0 + length > limit:
-            raise ValueError(
-                f"This model's RoPE switches to other frequencies past position {limit}, and this chunk reaches "
-                f"{m0 + length}. Feed shorter chunks with cache.position_ids(n) (or stream_generate), which keep "
-                "positions small; generate() uses absolute positions."
+                "Feed one unpadded sequence per row, or batches of equal-length rows."
             )
         self._position_memo = (position_ids, m0)
         return m0
 
+    def _check_limit(self, m0: int, length: int) -> None:
+        limit = self.window.position_limit
+        if limit is not None and m0 + length > limit:
+            raise ValueError(
+                f"This model's RoPE switches to other frequencies past position {limit}, and this chunk reaches "
+                f"{m0 + length}. Feed shorter chunks with cache.position_ids(n) (or the engine), which keep "
+                "positions small; generate() uses absolute positions."
+            )
+
+    # -- planning (host integers only) -------------------------------------------------------------------
+    def plan_chunk(self, b: int, length: int) -> torch.Tensor:
+        """Plan the next forward: ``length`` tokens of row ``b`` (batch 1). Returns their position ids ``(1, length)``.
+
+        Raises:
+            ValueError: ``b`` is not assigned, ``length < 1``, or the positions would pass the model's limit.
+        """
+        self._check_live(b)
+        if length < 1:
+            raise ValueError("Nothing to feed: a chunk needs at least one token.")
+        m0 = self.next_position(b)
+        self._check_limit(m0, length)
+        self._set_plan(StepPlan(tuple(g.plan_chunk(range(b, b + 1), length, m0) for g in self.groups), (b,)))
+        return torch.arange(m0, m0 + length, device=self.main.keys.device)[None]
+
+    def decodable(self, b: int) -> bool:
+        """Whether row ``b``'s next token can join a batched decode step (its pinned prefix is complete)."""
+        m = self.next_position(b)
+        return all(g.decodable(b, m) for g in self.groups)
+
+    def plan_decode(self, tokens: Mapping[int, int], n: int) -> StepPlan:
+        """Plan the next forward: one token ``tokens[b]`` for each given row, in a bucket of rows ``0 .. n-1``.
+
+        Fills the host field buffer (copied to the device by :meth:`stage`), re-frames rows that rebase,
+        and advances the decoding rows. Rows of the bucket without a token ride along unchanged.
+
+        Raises:
+            ValueError: A row outside the bucket, not assigned, or not :meth:`decodable`.
+        """
+        for b in tokens:
+            if not 0 <= b < n:
+                raise ValueError(f"Row {b} is outside this step's rows 0..{n - 1}.")
+            self._check_live(b)
+            if not self.decodable(b):
+                raise ValueError(f"Row {b} cannot take a batched decode step now (its pinned prefix is not complete).")
+        host = self._host
+        host[:, :n] = 0
+        groups: list[list[tuple[int, int, int, int]]] = [[] for _ in self.groups]
+        for b in range(n):
+            token = tokens.get(b)
+            if token is None:
+                for fields, g in zip(groups, self.groups, strict=True):
+                    fields.append(g.idle_fields(b))
+                continue
+            m = self.next_position(b)
+            host[0, b], host[1, b] = int(token), m
+            for fields, g in zip(groups, self.groups, strict=True):
+                fields.append(g.decode_fields(b, m))
+        plans = []
+        for gi, fields in enumerate(groups):
+            at = len(SHARED_FIELDS) + len(GROUP_FIELDS) * gi
+            host[at : at + 4, :n] = torch.tensor(fields, dtype=torch.int64).T
+            bounds = {(lo, hi) for _, _, lo, hi in fields}
+            uniform = bounds.pop() if len(bounds) == 1 and len(tokens) == n else None
+            turn_from = min(lo for _, _, lo, _ in fields) // 32 * 32
+            plans.append(DecodePlan(n, uniform, turn_from, self._dev[at + 2, :n], self._dev[at + 3, :n]))
+        self._set_plan(StepPlan(tuple(plans), tuple(sorted(tokens))))
+        return self._plan
+
+    def stage(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy the decode fields to the device (no sync); returns the step's input ids and positions ``(n, 1)``
+        (device views the captured step reads)."""
+        n = plan.groups[0].n
+        self._dev[:, :n].copy_(self._host[:, :n], non_blocking=True)
+        return self._dev[0, :n, None], self._dev[1, :n, None]
+
+    def _set_plan(self, plan: StepPlan) -> None:
+        self._plan, self._plan_used = plan, False
+
+    def prepared(self, plan: StepPlan) -> None:
+        """Make ``plan`` the next forward's plan again (a captured step's warm-up consumed it)."""
+        self._set_plan(plan)
+
+    def end_step(self) -> None:
+        """The planned step ran without calling :meth:`update` (a CUDA graph replayed it): drop its plan."""
+        self._plan = None
+
+    def attention_plan(self, layer_idx: int) -> GroupPlan:
+        """What layer ``layer_idx``'s attention computes in the current forward (read by the attention function)."""
+        return self._plan.groups[self.groups.index(self.layers[layer_idx].group)]
+
     # -- transformers' Cache contract -------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store a layer's new keys/values ``(batch, kv_heads, length, head_dim)`` and return what its
-        attention reads. The first layer of each group plans the step (see :class:`Plan`)."""
+        attention reads. Without a prepared plan, the first layer plans a chunk for every row."""
         if layer_idx >= len(self.layers):
             raise ValueError(
                 f"This StreamingCache was built for a model with {len(self.layers)} layers, but layer {layer_idx} "
@@ -590,52 +948,56 @@ class StreamingCache(Cache):
                 "`streaming_llm.enable_streaming_llm(model)` (or `streaming_llm.install(model)`) first."
             )
         layer = self.layers[layer_idx]
-        group = layer.group
-        if not group.initialized:
-            group.allocate(key_states, value_states)
-        self._check_shapes(group, key_states, value_states)
-        if layer.index == 0:
-            if not group.prepared:
+        if not layer.group.initialized:
+            if self._n_rows is None:  # a lazily sized cache: one row per sequence of the first batch
+                self._start_rows(key_states.shape[0], live=True)
+            self._allocate(self.rows, key_states.dtype, key_states.device)
+        self._check_shapes(key_states, value_states)
+        if layer_idx == 0:  # a new forward: its prepared plan, or a chunk planned now
+            if self._plan is None or self._plan_used:
                 step_kwargs = kwargs.get("kwargs") or {}
-                m0 = self._first_position(step_kwargs.get("position_ids"), key_states.shape[-2])
-                group.plan_step(key_states.shape[-2], m0)
-            if group.plan.mode == "steady":
-                group.turn_steady()
-        keys, values = group.write(layer.index, key_states, value_states)
-        if layer.index == len(group.layer_ids) - 1:
-            group.finish()
-        return keys, values
+                self._plan_forward(step_kwargs.get("position_ids"), key_states.shape[0], key_states.shape[-2])
+            self._plan_used = True
+        plan = self._plan.groups[self.groups.index(layer.group)]
+        if isinstance(plan, DecodePlan):
+            at = len(SHARED_FIELDS) + len(GROUP_FIELDS) * self.groups.index(layer.group)
+            if layer.index == 0:
+                layer.group.turn_decode(plan, self._dev[at + 1, : plan.n])
+            out = layer.group.write_decode(plan, layer.index, self._dev[at, : plan.n], key_states, value_states)
+        else:
+            out = layer.group.write_chunk(plan, layer.index, key_states, value_states)
+        return out
 
-    def prepare_decode(self, m0: int | None = None) -> bool:
-        """Plan the next one-token step of every group on the host (before a captured graph replays it).
-
-        Returns True when every group's step is steady (then the step reads only device tensors and
-        a captured graph can run it). The next forward uses these plans instead of planning again.
-        """
-        m0 = self.next_position() if m0 is None else m0
-        for group in self.groups:
-            group.plan_step(1, m0)
-            group.prepared = True
-        return all(group.plan.mode == "steady" for group in self.groups)
-
-    def layout(self) -> tuple:
-        """What a captured steady step depends on besides device scalars (views and shapes)."""
-        return tuple((g.plan.first_slot, g.plan.last_slot, g.segment_len) for g in self.groups if g.plan)
+    def _plan_forward(self, position_ids: torch.Tensor | None, batch: int, length: int) -> None:
+        """A forward nobody planned (a transformers loop): a chunk for every row, all in the same state."""
+        if batch != self.rows or self.free:
+            raise ValueError(
+                f"This StreamingCache holds {self.rows} rows ({len(self.free)} free) but the forward feeds a batch of "
+                f"{batch}. A plain forward feeds every row; to feed some rows, let the engine plan it "
+                "(plan_chunk / plan_decode)."
+            )
+        if any(not r.same_stream(self.main.rows[0]) for g in self.groups for r in g.rows):
+            raise ValueError("The rows of this cache are in different states; a plain forward cannot feed them all.")
+        m0 = self._first_position(position_ids, length)
+        self._check_limit(m0, length)
+        self._set_plan(
+            StepPlan(tuple(g.plan_chunk(range(0, batch), length, m0) for g in self.groups), tuple(range(batch)))
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens processed (``"absolute"``), or the position for the next token (``"compact"``)."""
+        """Tokens processed (``"absolute"``), or the position for the next token (``"compact"``), of row 0."""
         if self.positions == "compact":
             return self.next_position()
         return self.seen_tokens
 
     def get_query_offset(self, layer_idx: int = 0) -> StreamingStep:
         # Not an offset: a marker that makes the "streaming_llm" mask function build a StreamingMask,
-        # through which the attention function finds this cache (works for every architecture).
+        # through which the attention function reads this forward's plan (works for every architecture).
         return StreamingStep(self)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        """``(query_length, tokens seen)``: the new keys, at their stream indices (the streaming mask
-        function reads padding from those columns of a 2D attention mask).
+        """``(query_length, tokens seen)``: the new keys at their stream indices (the mask function reads
+        padding from those columns of a 2D attention mask).
 
         Raises:
             ValueError: Nothing to process, as when ``generate()`` is given fewer tokens than the cache has
@@ -654,101 +1016,126 @@ class StreamingCache(Cache):
         return self.window.capacity
 
     def reset(self) -> None:
-        for group in self.groups:
-            group.reset()
-        self._position_memo = self._issued = None
+        """Start every row afresh (row 0 assigned with the default pinned prefix)."""
+        self._plan = self._position_memo = None
+        if self._n_rows is not None:
+            self._start_rows(self._n_rows, live=self._n_rows == 1 or not self.free)
 
-    def _check_shapes(self, group: StreamGroup, k: torch.Tensor, v: torch.Tensor) -> None:
-        expected = (group.keys.shape[1], group.keys.shape[2], group.keys.shape[4])
-        got = (k.shape[0], k.shape[1], k.shape[3])
-        if got != expected or k.dtype != group.keys.dtype or v.shape[-1] != group.values.shape[-1]:
+    def _check_shapes(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        g = self.groups[0]
+        expected = (g.keys.shape[2], g.keys.shape[4])
+        got = (k.shape[1], k.shape[3])
+        if got != expected or k.dtype != g.keys.dtype or v.shape[-1] != g.values.shape[-1] or k.shape[0] > self.rows:
             raise ValueError(
-                f"This StreamingCache holds (batch, kv_heads, head_dim) = {expected} in {group.keys.dtype}, "
-                f"but the model handed it {got} in {k.dtype}. A cache belongs to one model and one batch; "
-                "create a new cache for this input."
+                f"This StreamingCache holds {self.rows} rows of (kv_heads, head_dim) = {expected} in {g.keys.dtype}, "
+                f"but the model handed it a batch of {k.shape[0]} with {got} in {k.dtype}. A cache belongs to one "
+                "model; create a new cache for this input."
             )
 
-    # -- pinned segment (memory features) ------------------------------------------------------------
-    def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Replace the pinned segment placed after the sinks.
-
-        Args:
-            keys: Per layer, ``(batch, kv_heads, n, head_dim)`` keys rotated at the canonical
-                positions ``start_size .. start_size + n - 1`` (what a forward at those positions gives).
-            values: Per layer, the matching values.
+    def fast_forward(self, tokens: int, b: int = 0) -> int:
+        """Advance a full row's counters by about ``tokens`` (a multiple of the ring size), as if that many more
+        tokens had streamed past and been evicted. Every kept token keeps its slot and model position, so the
+        row is in exactly the state such a stream leaves (with these kept tokens). For benchmarks and tests at
+        millions of tokens. Returns the tokens skipped.
 
         Raises:
-            ValueError: More than ``segment_capacity`` tokens, or the sinks are not all in yet.
+            ValueError: Layer groups with different ring sizes, or a row whose ring is not full yet.
         """
+        ring = self.main.ring_size
+        jump = (tokens // ring) * ring
+        for g in self.groups:
+            r = g.rows[b]
+            if jump % g.ring_size or r.seen < r.window.capacity:
+                raise ValueError("fast_forward needs a full row and layer groups that share the ring size.")
+            r.seen, r.shift = r.seen + jump, (r.shift or 0) + jump
+        return jump
+
+    # -- pinned segment (memory features) ------------------------------------------------------------
+    def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor], b: int = 0) -> None:
+        """Replace row ``b``'s pinned segment, placed after its pinned prefix.
+
+        Args:
+            keys: Per model layer, ``(1, kv_heads, n, head_dim)`` keys rotated at the canonical positions
+                ``start_size .. start_size + n - 1`` (what a forward at those positions gives).
+            values: Per layer, the matching values.
+            b: The row.
+
+        Raises:
+            ValueError: More than ``segment_capacity`` tokens, or the pinned prefix is not all in yet.
+        """
+        self._check_live(b)
         n = keys[0].shape[-2]
         if n > self.segment_capacity:
             raise ValueError(f"The segment holds at most {self.segment_capacity} tokens, got {n}.")
-        if self.seen_tokens < self.start_size:
-            raise ValueError("A pinned segment can only be set once all the sinks are in the cache.")
-        for group in self.groups:
-            if not group.segment_capacity:  # sliding layers keep their own window only
-                continue
-            first = group.sink_base - n
-            for j, i in enumerate(group.layer_ids):
-                self._check_shapes(group, keys[i], values[i])
-                group.pinned[j][:, :, first : group.sink_base] = keys[i]  # canonical: rotated at S .. S + n - 1
-                group.values[j][:, :, first : group.sink_base] = values[i]
-            group.segment_len = n
-            group.pinned_rotation = None
+        if self.main.rows[b].seen < self.main.rows[b].window.start_size:
+            raise ValueError("A pinned segment can only be set once the whole pinned prefix is in the cache.")
+        for g in self.groups:
+            if g.segment_capacity:  # sliding layers keep their own window only
+                g.set_segment(b, keys, values)
 
-    # -- state, for saving and restoring sessions ------------------------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """The tensors and counters needed to rebuild this cache exactly, sized by content.
+    # -- state, for saving and restoring ------------------------------------------------------------------
+    def row_state(self, b: int = 0) -> CacheState:
+        """A snapshot of row ``b``: the tensors and counters needed to rebuild it exactly, sized by content.
 
-        Only filled slots are returned: the segment in use, the sinks seen and the ring slots
-        written so far, so a short stream saves little.
+        The tensors are copies (later steps cannot change them), on the cache's device; only filled
+        slots are returned (the segment in use, the pinned prefix and the ring written so far).
 
         Raises:
-            ValueError: The cache is empty.
+            ValueError: The row is not assigned, or the cache is empty.
         """
-        if not all(g.initialized for g in self.groups):
+        self._check_live(b)
+        if not self.groups[0].initialized:
             raise ValueError("The cache is empty: nothing to save yet.")
         tensors: dict[str, torch.Tensor] = {}
+        start = self.main.rows[b].window.start_size
         counters: dict = {
-            "start_size": self.start_size, "recent_size": self.recent_size, "segment_capacity": self.segment_capacity,
+            "start_size": start, "recent_size": self.recent_size, "segment_capacity": self.segment_capacity,
             "positions": self.positions, "groups": [],
         }  # fmt: skip
         for gi, g in enumerate(self.groups):
-            first = g.sink_base - g.segment_len
-            filled = g.ring_base + min(max(g.seen - g.window.start_size, 0), g.ring_size)
-            tensors[f"groups.{gi}.keys"] = g.keys[..., first:filled, :]
-            tensors[f"groups.{gi}.values"] = g.values[..., first:filled, :]
-            tensors[f"groups.{gi}.pinned"] = g.pinned[..., first : g.ring_base, :]
-            counters["groups"].append({"seen": g.seen, "shift": g.shift, "segment_len": g.segment_len, "first": first})
+            tensors.update({f"groups.{gi}.{name}": t for name, t in g.row_tensors(b).items()})
+            r = g.rows[b]
+            counters["groups"].append({"seen": r.seen, "shift": r.shift, "segment_len": r.segment_len})
         return tensors, counters
 
-    @classmethod
-    def from_state(cls, config: PretrainedConfig, tensors: dict[str, torch.Tensor], counters: dict) -> StreamingCache:
-        """Rebuild a cache saved with :meth:`state` (tensors may be on any device; they are copied).
+    def state(self) -> CacheState:
+        """A snapshot of the single stream (:meth:`row_state` of row 0)."""
+        return self.row_state(0)
+
+    def _restore(self, b: int, tensors: dict[str, torch.Tensor], counters: dict) -> None:
+        """Rebuild row ``b`` from a saved state (any device; copied).
 
         Raises:
             ValueError: Counters or tensors that do not fit this model or these sizes.
         """
+        if counters["recent_size"] != self.recent_size:
+            raise ValueError(
+                f"This state keeps {counters['recent_size']} recent tokens; this cache {self.recent_size}."
+            )
+        if len(counters["groups"]) != len(self.groups):
+            raise ValueError(f"{len(counters['groups'])} layer groups saved, but this model has {len(self.groups)}.")
+        self._clear(b, int(counters["start_size"]))
+        for gi, (g, saved) in enumerate(zip(self.groups, counters["groups"], strict=True)):
+            names = ("keys", "values", "pinned")
+            found = {name: tensors[f"groups.{gi}.{name}"].to(g.keys.device, g.keys.dtype) for name in names}
+            g.restore_row(b, found, saved, g.rows[b].window)
+        if counters.get("positions") not in (None, self.positions):
+            raise ValueError(f"This state uses {counters['positions']!r} positions; this cache {self.positions!r}.")
+
+    @classmethod
+    def from_state(cls, config: PretrainedConfig, tensors: dict[str, torch.Tensor], counters: dict) -> StreamingCache:
+        """A one-row cache rebuilt from :meth:`row_state` (tensors on any device; they are copied, and the cache
+        lives on their device).
+
+        Raises:
+            ValueError: Counters or tensors that do not fit this model or these sizes.
+        """
+        sample = tensors["groups.0.keys"]
         cache = cls(
-            config, counters["start_size"], counters["recent_size"], counters["segment_capacity"],
-            positions=counters.get("positions"),
+            config, int(counters["start_size"]), int(counters["recent_size"]), int(counters["segment_capacity"]),
+            positions=counters.get("positions"), rows=1, dtype=sample.dtype, device=sample.device,
         )  # fmt: skip
-        if len(counters["groups"]) != len(cache.groups):
-            raise ValueError(f"{len(counters['groups'])} layer groups saved, but this model has {len(cache.groups)}.")
-        for gi, (g, saved) in enumerate(zip(cache.groups, counters["groups"], strict=True)):
-            keys, values, pinned = (tensors[f"groups.{gi}.{name}"] for name in ("keys", "values", "pinned"))
-            first = saved["first"]
-            if keys.dim() != 5 or keys.shape[0] != len(g.layer_ids) or first != g.sink_base - saved["segment_len"]:
-                raise ValueError(f"Layer group {gi} tensors do not fit this model and these sizes.")
-            g.allocate(keys[0], values[0])
-            filled = first + keys.shape[-2]
-            if filled > g.slots or pinned.shape[-2] != g.ring_base - first or keys.shape[1:3] != g.keys.shape[1:3]:
-                raise ValueError(f"Layer group {gi} tensors do not have the shapes these sizes need.")
-            g.keys[..., first:filled, :] = keys
-            g.values[..., first:filled, :] = values
-            g.pinned[..., first : g.ring_base, :] = pinned
-            g.seen, g.shift, g.segment_len = saved["seen"], saved["shift"], saved["segment_len"]
-            g.pinned_rotation = None
+        cache._restore(0, tensors, counters)
         return cache
 
     # -- conversions ---------------------------------------------------------------------------------
@@ -757,13 +1144,16 @@ class StreamingCache(Cache):
         cls, config: PretrainedConfig, cache: DynamicCache, start_size: int = 4, recent_size: int = 2000,
         positions: PositionMode | None = None,
     ) -> StreamingCache:  # fmt: skip
-        """Take over a ``DynamicCache`` filled by a plain forward at positions ``0..T-1``, keeping
-        its first ``start_size`` and last ``recent_size`` tokens.
+        """Take over a ``DynamicCache`` filled by a plain forward at positions ``0..T-1`` (any batch: one row per
+        sequence), keeping its first ``start_size`` and last ``recent_size`` tokens.
 
         Raises:
             ValueError: The cache comes from another model, or has already dropped tokens.
         """
-        streaming = cls(config, start_size, recent_size, positions=positions)
+        first = next((layer.keys for layer in cache.layers if layer.keys is not None and layer.keys.numel()), None)
+        batch = first.shape[0] if first is not None else 1
+        dtype, device = (first.dtype, first.device) if first is not None else (torch.float32, "cpu")
+        streaming = cls(config, start_size, recent_size, positions=positions, rows=batch, dtype=dtype, device=device)
         if len(cache.layers) != len(streaming.layers):
             raise ValueError(
                 f"The DynamicCache has {len(cache.layers)} layers but this model has {len(streaming.layers)}; "
@@ -771,29 +1161,30 @@ class StreamingCache(Cache):
             )
         total = max(getattr(source, "cumulative_length", 0) or source.get_seq_length() for source in cache.layers)
         for source, layer in zip(cache.layers, streaming.layers, strict=True):
-            keys, values = source.keys, source.values
-            if keys is None or keys.numel() == 0:
+            if source.keys is None or source.keys.numel() == 0:
                 continue
-            g = layer.group
-            if not g.initialized:
-                g.allocate(keys, values)
-            streaming._check_shapes(g, keys, values)
-            held = keys.shape[-2]  # a sliding layer of transformers holds only its last tokens
-            start, recent = g.window.start_size, g.window.recent_size
-            n_sinks = min(total, start)
-            if n_sinks and held != total:
-                raise ValueError("This DynamicCache has already dropped tokens; it cannot be taken over.")
-            j = layer.index
-            g.keys[j][:, :, g.sink_base : g.sink_base + n_sinks] = keys[:, :, :n_sinks]
-            g.values[j][:, :, g.sink_base : g.sink_base + n_sinks] = values[:, :, :n_sinks]
-            g.pinned[j][:, :, g.sink_base : g.sink_base + n_sinks] = keys[:, :, :n_sinks]
-            first = max(start, total - recent, total - held)
-            if first < total:
-                slots = g.ring_slot(torch.arange(first, total, device=keys.device))
-                g.keys[j].index_copy_(2, slots, keys[:, :, first - total + held :])
-                g.values[j].index_copy_(2, slots, values[:, :, first - total + held :])
-            g.seen, g.shift, g.pinned_rotation = total, 0, 0
+            streaming._check_shapes(source.keys, source.values)
+            streaming._take_layer(layer, source.keys, source.values, total)
+        for g in streaming.groups:
+            for r in g.rows:
+                r.seen, r.shift, r.rotation = total, 0, 0
         return streaming
+
+    def _take_layer(self, layer: StreamingLayer, keys: torch.Tensor, values: torch.Tensor, total: int) -> None:
+        g, j = layer.group, layer.index
+        held = keys.shape[-2]  # a sliding layer of transformers holds only its last tokens
+        start, recent = g.rows[0].window.start_size, g.shape.recent_size
+        n_sinks = min(total, start)
+        if n_sinks and held != total:
+            raise ValueError("This DynamicCache has already dropped tokens; it cannot be taken over.")
+        base = g.sink_base(0)
+        for buffer, source in ((g.keys, keys), (g.values, values), (g.pinned, keys)):
+            buffer[j][:, :, base : base + n_sinks] = source[:, :, :n_sinks]
+        first = max(start, total - recent, total - held)
+        if first < total:
+            slots = g.ring_slot(torch.arange(first, total, device=keys.device), start)
+            g.keys[j].index_copy_(2, slots, keys[:, :, first - total + held :])
+            g.values[j].index_copy_(2, slots, values[:, :, first - total + held :])
 
 
 @dataclass(frozen=True)
@@ -801,6 +1192,13 @@ class StreamingStep:
     """Handed to transformers as the query offset of a :class:`StreamingCache` (see ``get_query_offset``)."""
 
     cache: StreamingCache
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """Raise a clear ``ValueError`` unless ``value`` is an int (not a bool) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}.")
 
 
 def check_sizes(start_size: int, recent_size: int) -> None:

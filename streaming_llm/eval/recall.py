@@ -26,7 +26,6 @@ import math
 import random
 import statistics
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..core.cache import StreamingCache
-from ..runtime.sampling import Sampler
 from ..sessions.memory import HybridMemory
 from ..sessions.retrieval import RetrievalMemory
 from ..sessions.session import StreamingSession
@@ -145,17 +142,8 @@ def plan_streams(methods: list[Method], hybrid_max_distance: int | None) -> list
 
 
 def fork(session: StreamingSession) -> StreamingSession:
-    """An independent copy of ``session`` (cache copied through ``state()``/``from_state()``), without memory."""
-    clone = copy.copy(session)
-    tensors, counters = session.cache.state()
-    clone.cache = StreamingCache.from_state(session.model.config, tensors, counters)
-    clone.window_ids = deque(session.window_ids, maxlen=session.window_ids.maxlen)
-    clone.pending_ids = []
-    clone.template = copy.copy(session.template)
-    clone.template.context = list(session.template.context)
-    clone.sampler = Sampler(session.sampling, device=session.model.device)
-    clone.memory = None
-    return clone
+    """An independent copy of ``session`` (a snapshot of its state), without memory."""
+    return session.fork(keep_memory=False)
 
 
 def _ask(session: StreamingSession, after: list[int], fact: Fact, retrieval: RetrievalMemory | None) -> dict:

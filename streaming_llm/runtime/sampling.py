@@ -1,7 +1,10 @@
 """Choosing the next token: greedy, temperature, top-k, top-p, min-p, repetition controls, seeded.
 
-Two repetition controls, both over a bounded window of recent tokens (so endless generation stays in
-constant memory):
+Two repetition controls, both over a bounded window of the stream's recent context (so endless
+generation stays in constant memory). What the window holds is one rule on every surface: the
+tokens fed to the model, prompt, system prompt, ingested text and generated tokens alike
+(llama.cpp's ``repeat_last_n``). A :class:`Sampler` only picks; the engine shows it every token it
+feeds (:meth:`Sampler.observe`).
 
 - ``repetition_penalty`` (llama.cpp's ``repeat_penalty`` / ``repeat_last_n``): divides the logits of
   tokens seen in the last ``penalty_window`` tokens. Tokens that are only whitespace or punctuation
@@ -118,6 +121,7 @@ class Sampler:
 
     def __init__(self, config: SamplingConfig | None = None, device: torch.device | str = "cpu", tokenizer=None):
         self.config = config or SamplingConfig()
+        self.device, self.tokenizer = device, tokenizer
         cfg = self.config
         self.recent: deque[int] = deque(maxlen=max(cfg.penalty_window, cfg.dry_window if cfg.dry_multiplier else 1))
         self.neutral = neutral_token_ids(tokenizer) if tokenizer is not None and cfg.repetition_penalty != 1 else ()
@@ -125,12 +129,20 @@ class Sampler:
         if self.config.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
 
+    @property
+    def greedy(self) -> bool:
+        """Picks the argmax of the raw logits (no temperature, penalty or suppressed ids): a batch of such
+        samplers can be served by one argmax over the batch."""
+        cfg = self.config
+        return (cfg.temperature == 0 and cfg.repetition_penalty == 1.0 and not cfg.dry_multiplier
+                and not cfg.suppress_ids)  # fmt: skip
+
     def observe(self, token_ids: list[int]) -> None:
-        """Remember tokens (prompt or generated) for the repetition controls."""
+        """Remember tokens fed to the model, for the repetition controls."""
         self.recent.extend(token_ids)
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """Pick a token from ``logits`` (vocab,)."""
+        """Pick a token from ``logits`` (vocab,); the token is remembered once it is fed (:meth:`observe`)."""
         cfg = self.config
         logits = logits.float().clone()
         if cfg.repetition_penalty != 1.0 and self.recent:
@@ -146,9 +158,7 @@ class Sampler:
         if cfg.dry_multiplier:
             for token, penalty in self._dry_penalties().items():
                 logits[token] -= penalty
-        token = int(logits.argmax()) if cfg.temperature == 0 else self._sample(logits / cfg.temperature)
-        self.recent.append(token)
-        return token
+        return int(logits.argmax()) if cfg.temperature == 0 else self._sample(logits / cfg.temperature)
 
     def _dry_penalties(self) -> dict[int, float]:
         """``{token: penalty}`` for tokens that would extend a repeat of an earlier sequence."""

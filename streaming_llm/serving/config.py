@@ -29,7 +29,11 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--host", str, "127.0.0.1", "address to bind; 127.0.0.1 is this machine only"),
         ("--port", int, 8000, "TCP port"),
         ("--name", str, "streaming-llm", "model name reported by /v1/models"),
-        ("--max-sessions", _positive, 8, "sessions kept in memory"),
+        ("--rows", _positive, 8, "sessions resident on the device at once, decoded together in one forward (rows of "
+         "one cache); more live sessions spill to host memory and come back on demand"),
+        ("--pinned-capacity", _positive, 256, "longest system prompt pinned beside the sinks (tokens; a longer one "
+         "pins its first tokens)"),
+        ("--max-sessions", _positive, 16, "sessions kept in memory (rows and host snapshots)"),
         ("--state-dir", str, None, "folder for durable sessions: every turn saved, sessions beyond --max-sessions "
          "spill to disk, all survive restarts"),
         ("--api-key", str, os.environ.get("STREAMING_LLM_API_KEY"),
@@ -42,8 +46,6 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--max-prompt-tokens", _positive, d.max_prompt_tokens, "new tokens one request may feed"),
         ("--max-queue", _positive, d.max_queue, "requests running or waiting before 429"),
         ("--request-timeout", float, d.request_timeout, "seconds per request"),
-        ("--batch-rows", int, 0, "continuous batching: up to N sessions decode together in one forward; "
-         "0: one forward per session and token"),
         ("--shutdown-timeout", float, 5.0, "seconds to wind down on SIGTERM"),
     ]  # fmt: skip
     for name, kind, default, text in flags:

@@ -3,14 +3,19 @@
 Needs the optional dependencies ``fastapi`` and ``uvicorn`` (``pip install 'streaming-llm[server]'``).
 
 Handlers parse and check requests (strict types, bounds, caps, unsupported fields named in a 400),
-then hand all model work to one :class:`~streaming_llm.serving.jobs.Engine`, which interleaves sessions one
-token at a time. Sessions:
+then hand all model work to the server's one :class:`~streaming_llm.runtime.engine.Engine`, whose
+thread runs every session as a row of one cache: prompts are fed in chunks between batched decode
+steps of all generating sessions. Sessions:
 
 - A chat request names its session with the ``X-Session-Id`` header (or the ``user`` field). For a
   known session it may send only its new messages, or the whole history (recognised by a hash chain;
   only the new messages are fed). A history whose system message contradicts the session gets a 409.
   Without an id, a request that extends a conversation the server has seen continues it (hash chain
   of the messages); anything else starts a new session. The id is returned in ``X-Session-Id``.
+- A session stays a row of the engine while it is resident; when more sessions are live than rows,
+  the least recently used idle one is spilled to host memory and restored on demand (no copy per
+  request). A system prompt is pinned beside the sinks (up to ``pinned_capacity`` tokens), and
+  sessions with different system prompts decode together.
 - With ``state_dir`` every completed (or cancelled) turn is saved atomically before the response
   completes; sessions beyond ``max_sessions`` leave memory least recently used first and come back
   from disk on demand; after a crash every session continues from its last saved turn.
@@ -29,10 +34,11 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,13 +49,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.attention import install
 from ..core.cache import StreamingCache
-from ..core.slots import BatchedDecoder, SlotCache
-from ..runtime.generation import GenerationChunk, stream_generate
+from ..runtime import engine as runtime
+from ..runtime.generation import TextStream, eos_ids
+from ..runtime.sampling import Sampler
 from ..sessions.persistence import SessionFileError
 from ..sessions.session import SessionBrokenError, StreamingSession
 from .config import Limits
 from .guard import Guard
-from .jobs import BatchingEngine, Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
 from .store import Live, SessionStore, chain
 
@@ -58,26 +64,62 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: "stop"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-# -- the application ------------------------------------------------------------------------------------------
+class QueueFull(RuntimeError):
+    """Too many requests are running or waiting; try again later."""
+
+
+@dataclass(eq=False)
+class Turn:
+    """One submitted request as the handler sees it: its engine request, its text, and a wake-up queue."""
+
+    request: runtime.Request
+    text: TextStream
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    session_id: str | None = None
+
+
 class Server:
-    """What the handlers share: model, store, engine, limits and settings."""
+    """What the handlers share: model, engine (and its thread), store, limits and settings.
+
+    Args:
+        rows: Sessions resident on the device at once (rows of the engine's cache); they decode together.
+        pinned_capacity: Longest system prompt pinned beside the sinks (tokens; a longer one pins its start).
+        max_sessions: Sessions kept in memory in all (rows and host snapshots); more go to ``state_dir``.
+    """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str, start_size: int,
                  recent_size: int, max_sessions: int, state_dir: str | os.PathLike | None, limits: Limits,
-                 engine: Engine | None = None, batch_rows: int = 0):  # fmt: skip
+                 rows: int = 8, pinned_capacity: int = 256):  # fmt: skip
+        install(model)
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.start_size, self.recent_size, self.limits = start_size, recent_size, limits
-        self.store = SessionStore(model, tokenizer, max_sessions, state_dir)
-        self.slots: SlotCache | None = None
-        if batch_rows < 0:
-            raise ValueError(f"batch_rows must be >= 0 (0: no batching), got {batch_rows}.")
-        if batch_rows and engine is None:
-            install(model)
-            self.slots = SlotCache(model.config, batch_rows, start_size, recent_size, dtype=model.dtype,
-                                   device=model.device)  # fmt: skip
-            engine = BatchingEngine(BatchedDecoder(model, self.slots), max_queue=limits.max_queue)
-        self.engine = engine or Engine(max_queue=limits.max_queue)
+        self.pinned_capacity = max(start_size, pinned_capacity)
+        cache = StreamingCache(model.config, start_size, recent_size, rows=rows, pinned_capacity=self.pinned_capacity,
+                               dtype=model.dtype, device=model.device)  # fmt: skip
+        self.engine = runtime.Engine(model, cache)
+        self.store = SessionStore(model, tokenizer, self.engine, max(max_sessions, rows), state_dir)
+        self.stop_ids = frozenset(eos_ids(model, tokenizer))
         self.resumed = 0  # requests that continued a session already in memory or on disk
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.engine.serve_forever, args=(self._stop,),
+                                        name="streaming-llm-engine", daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def shutdown(self, timeout: float) -> None:
+        """Cancel running requests (each still closes and persists its turn), stop the engine's thread."""
+        self.engine.shutdown()
+        self._stop.set()
+        self._thread.join(timeout)
+        self.store.close()
+
+    def health(self) -> dict:
+        engine, stepper = self.engine, self.engine.stepper
+        return {
+            "status": "ok", "sessions_in_memory": len(self.store.live), "load": engine.load, "resumed": self.resumed,
+            "rows": engine.cache.rows, "rows_in_use": engine.cache.rows - len(engine.cache.free),
+            "decode_steps": engine.decode_steps, "batched_tokens": stepper.batched_rows,
+            "max_batch": stepper.max_batch, "spills": engine.spills, "restores": engine.restores,
+        }  # fmt: skip
 
     def count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -89,7 +131,11 @@ class Server:
                                     f"{self.limits.max_prompt_tokens} per request (--max-prompt-tokens). Send long "
                                     "documents over several requests of one session.", param="messages")  # fmt: skip
 
-    # -- work run by the engine (worker thread) --------------------------------------------------------------
+    def check_load(self) -> None:
+        if self.engine.load >= self.limits.max_queue:
+            raise QueueFull(f"The server is busy ({self.engine.load} requests running or waiting); retry later.")
+
+    # -- sessions --------------------------------------------------------------------------------------
     def anonymous_id(self, messages: list[Message]) -> str:
         """The session a request without an id continues (by the digest of its history), or a new id."""
         digest = ""
@@ -98,85 +144,8 @@ class Server:
         found = self.store.find_by_digest(digest) if len(messages) > 1 else None
         return found or f"session-{uuid.uuid4().hex}"
 
-    def _borrow_row(self, live: Live) -> int | None:
-        """With batching: move the session's cache into a free row of the slot cache (None: it decodes alone,
-        e.g. all rows are taken or its system prompt is pinned beyond ``start_size``)."""
-        cache = live.session.cache
-        slots = self.slots
-        if slots is None or not slots.free or live.session.memory is not None:
-            return None
-        if (cache.start_size, cache.recent_size, cache.segment_capacity) != (
-            slots.start_size, slots.recent_size, slots.segment_capacity
-        ):  # fmt: skip
-            return None
-        b = slots.assign(state=cache.state() if cache.seen_tokens else None)
-        live.session.cache = slots.row(b)
-        self.engine.rows[live.id] = b
-        return b
-
-    def _return_row(self, live: Live, b: int | None) -> None:
-        """Move the session's cache out of row ``b`` (back to its own cache) and free the row."""
-        if b is None or self.slots is None:
-            return
-        self.engine.rows.pop(live.id, None)
-        slots, row = self.slots, self.slots.row(b)
-        try:
-            if row.seen_tokens:
-                live.session.cache = StreamingCache.from_state(self.model.config, *row.state())
-            else:
-                live.session.cache = StreamingCache(self.model.config, slots.start_size, slots.recent_size,
-                                                    slots.segment_capacity)  # fmt: skip
-        finally:
-            self.slots.release(b)
-
-    def chat_work(self, body: ChatRequest, session_id: str, explicit: bool) -> Iterator[object]:
-        live, created = self._resolve(body.messages, session_id)
-        row = self._borrow_row(live)
-        try:
-            yield from self._chat(body, live, created)
-        finally:
-            self._return_row(live, row)
-
-    def _chat(self, body: ChatRequest, live: Live, created: bool) -> Iterator[object]:
-        messages = body.messages
-        session = live.session
-        self.resumed += not created
-        new = self._new_messages(live, messages)
-        self.check_prompt([m.text for m in new])
-        seen = 0 if created else session.cache.seen_tokens  # a new session's system prompt counts too
-        generated, text, stream, done, failed = 0, [], None, False, False
-        digest, count = live.digest, live.messages
-        try:
-            for message in new[:-1]:
-                session.add_message(message.kind, message.text)
-                digest, count = chain(digest, message.kind, message.text), count + 1
-            digest, count = chain(digest, "user", new[-1].text), count + 1
-            session.use_sampling(body.config())
-            stream = session.send(new[-1].text, body.max_tokens or min(256, self.limits.max_tokens), body.stops())
-            for piece in stream:
-                generated += piece.token_id is not None
-                text.append(piece.text)
-                yield piece
-            done = True
-        except GeneratorExit:  # cancelled: the turn is closed below and kept
-            raise
-        except BaseException:
-            failed = True
-            self.store.discard(live.id)  # the file (last completed turn) stays the truth
-            raise
-        finally:
-            if stream is not None:
-                stream.close()  # closes the turn consistently, as far as it got
-            if not failed and not session.broken and count > live.messages:
-                self.store.update_digest(live, chain(digest, "assistant", "".join(text)), count + 1)
-                self.store.put(live)
-                self.store.persist(live)
-        if done:
-            processed = session.cache.seen_tokens - seen
-            yield Done({"prompt_tokens": max(processed - generated, 0), "completion_tokens": generated}, live.id)
-
-    def _resolve(self, messages: list[Message], session_id: str) -> tuple[Live, bool]:
-        """The session (found, restored from disk, or new with the request's system prompt) and whether it is new."""
+    def resolve(self, session_id: str, messages: list[Message]) -> Live:
+        """The session (found, restored from disk, or new with the request's system prompt), counted in flight."""
         try:
             live = self.store.get(session_id)
         except SessionFileError as problem:
@@ -186,17 +155,21 @@ class Server:
                 "(DELETE /v1/sessions/{id}) to start over.",
                 code="session_unreadable",
             ) from None
-        if live is not None:
-            return live, False
-        system = messages[0] if messages[0].kind == "system" else None
-        session = StreamingSession(self.model, self.tokenizer, system.text if system else None,
-                                   start_size=self.start_size, recent_size=self.recent_size)  # fmt: skip
-        live = Live(session_id, session)
-        if system is not None:
-            live.digest, live.messages = chain("", "system", system.text), 1
-        return live, True
+        if live is None:
+            system = messages[0] if messages[0].kind == "system" else None
+            session = StreamingSession(self.model, self.tokenizer, system.text if system else None,
+                                       start_size=self.start_size, recent_size=self.recent_size,
+                                       engine=self.engine, name=session_id)  # fmt: skip
+            live = Live(session_id, session)
+            if system is not None:
+                live.digest, live.messages = chain("", "system", system.text), 1
+        else:
+            self.resumed += 1
+        live.inflight += 1
+        self.store.put(live)
+        return live
 
-    def _new_messages(self, live: Live, messages: list[Message]) -> list[Message]:
+    def new_messages(self, live: Live, messages: list[Message]) -> list[Message]:
         """Which of ``messages`` the session has not seen.
 
         A request that starts with a system message carries the whole history: it must extend what the
@@ -217,24 +190,75 @@ class Server:
                                     "session to start over.", param="messages", code="history_mismatch")  # fmt: skip
         return messages  # only new messages
 
-    def completion_work(self, body: CompletionRequest) -> Iterator[object]:
+    # -- requests ----------------------------------------------------------------------------------------
+    def chat_turn(self, body: ChatRequest, live: Live, loop: asyncio.AbstractEventLoop) -> Turn:
+        """The engine request of one chat turn; the session's history is checked when it starts (in order)."""
+        fed: list[Message] = []
+
+        def messages() -> list[tuple[str, str]]:  # engine thread, when the turn starts
+            new = self.new_messages(live, body.messages)
+            self.check_prompt([m.text for m in new])
+            fed.extend(new)
+            return [(m.kind, m.text) for m in new]
+
+        events: asyncio.Queue = asyncio.Queue()
+        request, text = live.session.turn_request(
+            messages, body.max_tokens or min(256, self.limits.max_tokens), body.stops(), sampling=body.config(),
+            deadline=time.monotonic() + self.limits.request_timeout,
+            on_event=lambda: loop.call_soon_threadsafe(events.put_nowait, None),
+            on_done=lambda r: self._close_turn(live, r, fed, text),
+        )  # fmt: skip
+        return Turn(request, text, events, live.id)
+
+    def _close_turn(self, live: Live, request: runtime.Request, fed: list[Message], text: TextStream) -> None:
+        """Engine thread, when a chat request is done: record the turn and persist it (or forget a broken one)."""
+        live.inflight -= 1
+        session = live.session
+        if session.broken:
+            self.store.discard(live.id)  # the file (last completed turn) stays the truth
+            return
+        if not fed:  # refused before anything was fed (e.g. 409): nothing changed
+            return
+        digest, count = live.digest, live.messages
+        for message in fed:
+            digest, count = chain(digest, message.kind, message.text), count + 1
+        self.store.update_digest(live, chain(digest, "assistant", "".join(text.text)), count + 1)
+        self.store.put(live)
+        self.store.persist(live)
+
+    def completion_turn(self, body: CompletionRequest, loop: asyncio.AbstractEventLoop) -> Turn:
+        """A stateless text completion: a temporary stream of the engine, closed when done."""
         self.check_prompt([body.prompt])
-        prompt_tokens, generated = self.count(body.prompt), 0
-        for piece in stream_generate(
-            self.model, self.tokenizer, body.prompt, start_size=self.start_size, recent_size=self.recent_size,
-            max_new_tokens=body.max_tokens or 16, sampling=body.config(), stop=body.stops(),
-        ):  # fmt: skip
-            generated += piece.token_id is not None
-            yield piece
-        yield Done({"prompt_tokens": prompt_tokens, "completion_tokens": generated})
+        engine = self.engine
+        stream = engine.open("completion", sampler=Sampler(device=self.model.device, tokenizer=self.tokenizer))
+        text = TextStream(self.tokenizer, body.stops(), set(self.stop_ids), lambda: engine.row_stats(stream))
+        ids = self.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        events: asyncio.Queue = asyncio.Queue()
+        request = runtime.Request(
+            stream, ids, body.max_tokens or 16, self.stop_ids, on_token=text.on_token,
+            on_finish=lambda r: text.finish(r.finish_reason) or [], sampling=body.config(),
+            deadline=time.monotonic() + self.limits.request_timeout, on_done=lambda r: engine.close(stream),
+            on_event=lambda: loop.call_soon_threadsafe(events.put_nowait, None),
+        )  # fmt: skip
+        return Turn(request, text, events)
+
+    def submit(self, turn: Turn) -> None:
+        try:
+            self.engine.submit(turn.request)
+        except runtime.EngineStopped as problem:
+            raise RequestError(503, str(problem), "server_error", code="shutting_down") from None
+
+    def delete(self, session_id: str) -> bool:
+        return self.store.delete(session_id)
 
 
+# -- the application --------------------------------------------------------------------------------------
 def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str = "streaming-llm",
-               start_size: int = 4, recent_size: int = 2000, max_sessions: int = 8,
+               start_size: int = 4, recent_size: int = 2000, max_sessions: int = 16,
                state_dir: str | os.PathLike | None = None, api_key: str | None = None,
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
-               "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0,
-               batch_rows: int = 0) -> FastAPI:  # fmt: skip
+               "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0, rows: int = 8,
+               pinned_capacity: int = 256) -> FastAPI:  # fmt: skip
     """The FastAPI application.
 
     Args:
@@ -248,24 +272,29 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         allowed_hosts: Accepted ``Host`` header names (DNS-rebinding protection; ``*`` for any).
         limits: Caps (:class:`Limits`).
         shutdown_timeout: Seconds to finish or cancel in-flight work at shutdown.
-        batch_rows: Continuous batching: up to this many sessions decode together in one forward (their
-            caches live as rows of one :class:`~streaming_llm.core.slots.SlotCache` while a request runs).
-            0: one forward per session and token.
+        rows: Sessions resident on the device at once; they decode together in one forward.
+        pinned_capacity: Longest system prompt (tokens) pinned beside the sinks.
     """
     limits = limits or Limits()
     server = Server(model, tokenizer, name=name, start_size=start_size, recent_size=recent_size,
-                    max_sessions=max_sessions, state_dir=state_dir, limits=limits, batch_rows=batch_rows)  # fmt: skip
+                    max_sessions=max_sessions, state_dir=state_dir, limits=limits, rows=rows,
+                    pinned_capacity=pinned_capacity)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        await asyncio.get_running_loop().run_in_executor(None, server.engine.shutdown, shutdown_timeout)
-        server.store.close()
+        await asyncio.get_running_loop().run_in_executor(None, server.shutdown, shutdown_timeout)
 
     app = FastAPI(title="streaming-llm", description=__doc__, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(Guard, api_key=api_key, origins=tuple(allowed_origins), hosts=tuple(allowed_hosts))
+    _add_error_handlers(app)
+    _add_generation_routes(app, server)
+    _add_session_routes(app, server)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, problem: StarletteHTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(problem.status_code, "invalid_request_error")
@@ -283,104 +312,11 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         log.exception("internal error")
         return error_response(500, f"Internal server error ({type(problem).__name__}).", "server_error")
 
-    async def read_body(request: Request, schema: type[BaseModel]):
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != "application/json":
-            raise RequestError(415, f"Send the body as JSON with 'Content-Type: application/json' (got {kind!r}).")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise RequestError(413, f"The body is {declared} bytes; the limit is {limits.max_body_bytes}.")
-        raw = bytearray()
-        async for block in request.stream():
-            raw += block
-            if len(raw) > limits.max_body_bytes:
-                raise RequestError(413, f"The body is over the limit of {limits.max_body_bytes} bytes.")
-        return parse_body(bytes(raw), schema)
 
-    def check_common(body: Sampling) -> None:
-        if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
-            raise RequestError(400, f"max_tokens={body.max_tokens} is over this server's cap of {limits.max_tokens} "
-                                    "(--max-tokens-cap).", param="max_tokens")  # fmt: skip
-
-    async def submit(session_id: str | None, work) -> JSONResponse | object:
-        deadline = time.monotonic() + limits.request_timeout
-        try:
-            ticket = server.engine.submit(Job(session_id, work, deadline))
-        except QueueFull as problem:
-            return error_response(429, str(problem), "rate_limit_error", code="queue_full")
-        except EngineStopped as problem:
-            return error_response(503, str(problem), "server_error", code="shutting_down")
-        return ticket
-
-    async def respond(request: Request, schema: type[BaseModel], kind: str):
-        try:
-            body = await read_body(request, schema)
-            check_common(body)
-            if kind == "chat":
-                if body.messages[-1].kind != "user":
-                    raise RequestError(400, "The last message must come from the user.", param="messages")
-                if len(body.messages) > limits.max_messages:
-                    raise RequestError(400, f"{len(body.messages)} messages is over the limit of "
-                                            f"{limits.max_messages} (--max-messages); with X-Session-Id send only "
-                                            "the new ones.", param="messages")  # fmt: skip
-                session_id = request.headers.get("x-session-id") or body.user
-                if session_id is not None and not 0 < len(session_id) <= limits.max_session_id:
-                    raise RequestError(400, f"A session id must have 1 to {limits.max_session_id} characters.",
-                                       param="X-Session-Id")  # fmt: skip
-                explicit = session_id is not None
-                lane = session_id if explicit else server.anonymous_id(body.messages)
-                work = lambda: server.chat_work(body, lane, explicit)  # noqa: E731
-            else:
-                work, lane = (lambda: server.completion_work(body)), None
-        except RequestError as problem:
-            return failure(problem)
-        ticket = await submit(lane, work)
-        if isinstance(ticket, JSONResponse):
-            return ticket
-        ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        events = ticket.events()
-        watcher = asyncio.create_task(_watch_disconnect(request, ticket))
-        try:
-            first = await anext(events)
-        except BaseException:
-            ticket.cancel("client disconnected")
-            watcher.cancel()
-            raise
-        if isinstance(first, BaseException):
-            watcher.cancel()
-            return failure(first)
-        if body.stream:
-            watcher.cancel()
-            stream = _sse(server, ticket, events, first, body, ident, created, kind)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        try:
-            pieces, final = [first] if isinstance(first, GenerationChunk) else [], first
-            while not isinstance(final, Done | BaseException):
-                final = await anext(events)
-                if isinstance(final, GenerationChunk):
-                    pieces.append(final)
-        finally:
-            ticket.cancel("client disconnected")  # no-op once finished
-            watcher.cancel()
-        if isinstance(final, BaseException):
-            return failure(final)
-        text = "".join(p.text for p in pieces)
-        choice = {"index": 0, "finish_reason": FINISH[pieces[-1].finish_reason if pieces else None], "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
-        usage = {**final.usage, "total_tokens": final.usage["prompt_tokens"] + final.usage["completion_tokens"]}
-        headers = {"X-Session-Id": final.session_id} if final.session_id else None
-        return JSONResponse({
-            "id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-            "model": server.name, "choices": [choice], "usage": usage,
-        }, headers=headers)  # fmt: skip
-
+def _add_generation_routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
     def health():
-        health = {"status": "ok", "sessions_in_memory": len(server.store.live), "load": server.engine.load,
-                  "resumed": server.resumed}  # fmt: skip
-        if isinstance(server.engine, BatchingEngine):
-            health |= {"batched_steps": server.engine.batched_steps, "batched_tokens": server.engine.batched_tokens}
-        return health
+        return server.health()
 
     @app.get("/v1/models")
     def models():
@@ -388,12 +324,14 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await respond(request, ChatRequest, "chat")
+        return await respond(server, request, ChatRequest, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await respond(request, CompletionRequest, "completion")
+        return await respond(server, request, CompletionRequest, "completion")
 
+
+def _add_session_routes(app: FastAPI, server: Server) -> None:
     @app.get("/v1/sessions")
     def list_sessions():
         return {"object": "list", "data": [d for i in server.store.ids() if (d := server.store.describe(i))]}
@@ -406,55 +344,174 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         return described
 
     @app.delete("/v1/sessions/{session_id}")
-    async def delete_session(request: Request, session_id: str):
-        found: list[bool] = []
-
-        def work():
-            found.append(server.store.delete(session_id))
-            yield Done({}, session_id)
-
-        ticket = await submit(session_id, work)
-        if isinstance(ticket, JSONResponse):
-            return ticket
-        async for item in ticket.events():
-            if isinstance(item, BaseException):
-                return failure(item)
-        if not found[0]:
+    async def delete_session(session_id: str):
+        live = server.store.live.get(session_id)
+        if live is not None and live.inflight:
+            return error_response(409, f"Session {session_id!r} has a request in flight; retry when it is done.",
+                                  code="session_busy")  # fmt: skip
+        if not await asyncio.to_thread(server.delete, session_id):
             return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
-    return app
+
+# -- one request, end to end ---------------------------------------------------------------------------------
+async def read_body(server: Server, request: Request, schema: type[BaseModel]):
+    limits = server.limits
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(415, f"Send the body as JSON with 'Content-Type: application/json' (got {kind!r}).")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise RequestError(413, f"The body is {declared} bytes; the limit is {limits.max_body_bytes}.")
+    raw = bytearray()
+    async for block in request.stream():
+        raw += block
+        if len(raw) > limits.max_body_bytes:
+            raise RequestError(413, f"The body is over the limit of {limits.max_body_bytes} bytes.")
+    body = parse_body(bytes(raw), schema)
+    if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
+        raise RequestError(400, f"max_tokens={body.max_tokens} is over this server's cap of {limits.max_tokens} "
+                                "(--max-tokens-cap).", param="max_tokens")  # fmt: skip
+    return body
+
+
+def check_chat(server: Server, request: Request, body: ChatRequest) -> str:
+    """Checks of a chat request that need no model; returns its session id."""
+    limits = server.limits
+    if body.messages[-1].kind != "user":
+        raise RequestError(400, "The last message must come from the user.", param="messages")
+    if len(body.messages) > limits.max_messages:
+        raise RequestError(400, f"{len(body.messages)} messages is over the limit of {limits.max_messages} "
+                                "(--max-messages); with X-Session-Id send only the new ones.",
+                           param="messages")  # fmt: skip
+    session_id = request.headers.get("x-session-id") or body.user
+    if session_id is not None and not 0 < len(session_id) <= limits.max_session_id:
+        raise RequestError(400, f"A session id must have 1 to {limits.max_session_id} characters.",
+                           param="X-Session-Id")  # fmt: skip
+    return session_id if session_id is not None else server.anonymous_id(body.messages)
+
+
+async def start_turn(server: Server, request: Request, body: Sampling, kind: str) -> Turn:
+    loop = asyncio.get_running_loop()
+    try:
+        server.check_load()
+    except QueueFull as problem:
+        raise RequestError(429, str(problem), "rate_limit_error", code="queue_full") from None
+    if kind != "chat":
+        turn = server.completion_turn(body, loop)
+    else:
+        session_id = check_chat(server, request, body)
+        live = await asyncio.to_thread(server.resolve, session_id, body.messages)
+        try:
+            turn = server.chat_turn(body, live, loop)
+        except BaseException:
+            live.inflight -= 1
+            raise
+    server.submit(turn)
+    return turn
+
+
+async def respond(server: Server, request: Request, schema: type[BaseModel], kind: str):
+    try:
+        body = await read_body(server, request, schema)
+        turn = await start_turn(server, request, body, kind)
+    except (RequestError, ValueError) as problem:
+        return failure(problem)
+    watcher = asyncio.create_task(_watch_disconnect(request, turn.request))
+    headers = {"X-Session-Id": turn.session_id} if turn.session_id else None
+    ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+    try:
+        first = await _next_piece(turn)
+    except BaseException:
+        turn.request.cancel("client disconnected")
+        watcher.cancel()
+        raise
+    if first is None and _ending_error(turn.request) is not None:  # refused, or ended before any text
+        watcher.cancel()
+        return failure(_ending_error(turn.request))
+    if body.stream:
+        watcher.cancel()
+        stream = _sse(server, turn, first, body, ident, created, kind)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    try:
+        pieces = [first] if first is not None else []
+        while (piece := await _next_piece(turn)) is not None:
+            pieces.append(piece)
+    finally:
+        turn.request.cancel("client disconnected")  # no-op once finished
+        watcher.cancel()
+    if _ending_error(turn.request) is not None:
+        return failure(_ending_error(turn.request))
+    return JSONResponse(_completion_body(server, turn, pieces, ident, created, kind), headers=headers)
+
+
+async def _next_piece(turn: Turn):
+    """The next text piece of the turn, or None once it is done (its pieces all read)."""
+    while True:
+        if turn.text.pieces:
+            return turn.text.pieces.popleft()
+        if turn.request.done:
+            return turn.text.pieces.popleft() if turn.text.pieces else None
+        await turn.events.get()
+
+
+def _usage(server: Server, turn: Turn) -> dict[str, int]:
+    request = turn.request
+    completion = sum(t not in server.stop_ids for t in request.tokens)
+    return {"prompt_tokens": request.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": request.prompt_tokens + completion}  # fmt: skip
+
+
+def _completion_body(server: Server, turn: Turn, pieces: list, ident: str, created: int, kind: str) -> dict:
+    text = "".join(p.text for p in pieces)
+    reason = pieces[-1].finish_reason if pieces else None
+    choice = {"index": 0, "finish_reason": FINISH.get(reason, "stop"), "logprobs": None}
+    choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
+    return {
+        "id": ident, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
+        "model": server.name, "choices": [choice], "usage": _usage(server, turn),
+    }  # fmt: skip
 
 
 def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, RequestError):
         return error_response(item.status, item.message, item.kind, item.param, item.code)
-    if isinstance(item, JobTimeout):
-        return error_response(504, str(item), "timeout_error", code="timeout")
-    if isinstance(item, JobCancelled):
-        return error_response(503, str(item), "server_error", code="cancelled")
-    if isinstance(item, ValueError):
-        return error_response(400, str(item))
+    if isinstance(item, QueueFull):
+        return error_response(429, str(item), "rate_limit_error", code="queue_full")
     if isinstance(item, SessionBrokenError):
         return error_response(500, str(item), "server_error")
+    if isinstance(item, ValueError):
+        return error_response(400, str(item))
     log.error("request failed", exc_info=item)
     return error_response(500, f"Generation failed ({type(item).__name__}: {item}).", "server_error")
 
 
-async def _watch_disconnect(request: Request, ticket) -> None:
-    """Cancel the ticket as soon as the client goes away (checked every 50 ms)."""
+def _ending_error(request: runtime.Request) -> BaseException | None:
+    """What ended a request that did not finish normally (for the last event of a stream)."""
+    if request.error is not None:
+        return request.error
+    if request.finish_reason == "timeout":
+        return RequestError(504, "The request ran past the server's time limit (--request-timeout).", "timeout_error",
+                            code="timeout")  # fmt: skip
+    if request.finish_reason == "shutdown":
+        return RequestError(503, "The server is shutting down.", "server_error", code="shutting_down")
+    return None
+
+
+async def _watch_disconnect(request: Request, engine_request: runtime.Request) -> None:
+    """Cancel the request as soon as the client goes away (checked every 50 ms)."""
     with contextlib.suppress(asyncio.CancelledError):
-        while not ticket.finished.is_set():
+        while not engine_request.done:
             if await request.is_disconnected():
-                ticket.cancel("client disconnected")
+                engine_request.cancel("client disconnected")
                 return
             await asyncio.sleep(0.05)
 
 
-async def _sse(server: Server, ticket, events, first, body: Sampling, ident: str, created: int, kind: str):
-    """Server-sent events from the engine's events; the job is cancelled if the client goes away."""
+async def _sse(server: Server, turn: Turn, first, body: Sampling, ident: str, created: int, kind: str):
+    """Server-sent events from the turn's pieces; the request is cancelled if the client goes away."""
 
-    def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    def event(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
         choices = []
         if delta is not None:
             choice = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -469,25 +526,22 @@ async def _sse(server: Server, ticket, events, first, body: Sampling, ident: str
     try:
         if kind == "chat":
             yield event({"role": "assistant", "content": ""})
-        item = first
-        while True:
-            if isinstance(item, BaseException):
-                problem = json.loads(failure(item).body)["error"]
-                yield f"data: {json.dumps({'error': problem})}\n\n"
-                return
-            if isinstance(item, Done):
-                if body.stream_options and body.stream_options.include_usage:
-                    usage = {**item.usage, "total_tokens": sum(item.usage.values())}
-                    yield event(None, usage=usage)
-                yield "data: [DONE]\n\n"
-                return
-            if item.text:
-                yield event({"content": item.text})
-            if item.finish_reason:
-                yield event({}, FINISH[item.finish_reason])
-            item = await anext(events)
+        piece = first
+        while piece is not None:
+            if piece.text:
+                yield event({"content": piece.text})
+            if piece.finish_reason:
+                yield event({}, FINISH.get(piece.finish_reason, "stop"))
+            piece = await _next_piece(turn)
+        problem = _ending_error(turn.request)
+        if problem is not None:
+            yield f"data: {json.dumps({'error': json.loads(failure(problem).body)['error']})}\n\n"
+            return
+        if body.stream_options and body.stream_options.include_usage:
+            yield event(None, usage=_usage(server, turn))
+        yield "data: [DONE]\n\n"
     finally:
-        ticket.cancel("client disconnected")  # no-op once finished
+        turn.request.cancel("client disconnected")  # no-op once finished
 
 
 def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -508,8 +562,8 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
         model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
         max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
-        allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout,
-        batch_rows=args.batch_rows,
+        allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
+        pinned_capacity=args.pinned_capacity,
     )  # fmt: skip
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level="warning")  # fmt: skip

@@ -1,14 +1,19 @@
-"""Where the server keeps its sessions: a bounded in-memory LRU, and (with a state folder) disk.
+"""Where the server keeps its sessions: streams of the server's engine, a bounded LRU, and (with a state folder) disk.
+
+Every session is a :class:`~streaming_llm.sessions.session.StreamingSession` on the server's one engine:
+a row of its cache while resident, a host-memory snapshot when the engine needs the row for another
+session (the engine spills the least recently used idle row and restores it on demand). Beyond
+``max_sessions`` sessions in memory, the least recently used idle one leaves memory altogether.
 
 With ``state_dir`` every completed turn is written to ``state_dir/sessions/<sha256(id)>.safetensors``
 (atomically, see :mod:`streaming_llm.sessions.persistence`) and indexed in ``state_dir/index.sqlite3`` (id,
-file, message digest, counters, last update). Sessions beyond ``max_sessions`` leave memory least
-recently used first and come back from their file on demand, exactly as they were. Without
-``state_dir`` a session pushed out of memory is gone (the next request rebuilds it from its history).
+file, message digest, counters, last update), so a session that left memory comes back from its file
+exactly as it was, also after a restart. Without ``state_dir`` a session pushed out of memory is gone
+(the next request rebuilds it from its history).
 
-Memory: ``max_sessions`` fixed-size caches. The index grows with the number of sessions, never with
-their length. Only the engine's worker thread touches sessions; the lock guards the bookkeeping that
-HTTP handlers read (listing, deleting).
+Memory: ``rows`` fixed-size cache rows on the device, at most ``max_sessions`` sessions in all (rows
+and host snapshots). The index grows with the number of sessions, never with their length. The lock
+guards the bookkeeping that HTTP handlers and the engine's thread share.
 """
 
 from __future__ import annotations
@@ -24,20 +29,26 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..runtime.engine import Engine
 from ..sessions.persistence import SessionFileError, read_session_file, remove_stale_temporaries, write_session_file
 from ..sessions.session import StreamingSession
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class Live:
-    """A session in memory, with the digest chain of the messages it has processed."""
+    """A session in memory, with the digest chain of the messages it has processed.
+
+    Attributes:
+        inflight: Requests submitted for it and not done (a session in flight never leaves memory).
+    """
 
     id: str
     session: StreamingSession
     digest: str = ""
     messages: int = 0
+    inflight: int = 0
 
 
 def chain(digest: str, role: str, content: str) -> str:
@@ -46,13 +57,13 @@ def chain(digest: str, role: str, content: str) -> str:
 
 
 class SessionStore:
-    """Sessions by id: live ones in an LRU of ``max_sessions``, the rest on disk (with ``state_dir``)."""
+    """Sessions by id: live ones in an LRU of ``max_sessions`` on ``engine``, the rest on disk (with ``state_dir``)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_sessions: int,
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, engine: Engine, max_sessions: int,
                  state_dir: str | Path | None = None):  # fmt: skip
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
-        self.model, self.tokenizer, self.max_sessions = model, tokenizer, max_sessions
+        self.model, self.tokenizer, self.engine, self.max_sessions = model, tokenizer, engine, max_sessions
         self.live: OrderedDict[str, Live] = OrderedDict()
         self.by_digest: dict[str, str] = {}  # digest of a live session -> its id (fallback matching)
         self.lock = threading.RLock()
@@ -87,7 +98,7 @@ class SessionStore:
         return None
 
     def get(self, session_id: str) -> Live | None:
-        """The session (from memory, or restored from disk), or None when unknown. Worker thread only.
+        """The session (from memory, or restored from disk onto the engine), or None when unknown.
 
         Raises :class:`SessionFileError` when its file exists but cannot be used.
         """
@@ -99,7 +110,8 @@ class SessionStore:
             return None
         state, tensors = read_session_file(self.path(session_id), self.model)
         try:
-            session = StreamingSession.from_state(self.model, self.tokenizer, tensors, state)
+            session = StreamingSession.from_state(self.model, self.tokenizer, tensors, state, engine=self.engine,
+                                                  name=session_id)  # fmt: skip
             server = state["server"]
             live = Live(session_id, session, str(server["digest"]), int(server["messages"]))
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
@@ -109,16 +121,27 @@ class SessionStore:
 
     # -- updates (worker thread) -----------------------------------------------------------------------------
     def put(self, live: Live) -> None:
-        """Make ``live`` the most recent session in memory; spill the least recent beyond ``max_sessions``."""
+        """Make ``live`` the most recent session in memory; beyond ``max_sessions`` the least recent idle ones
+        leave memory (their files stay)."""
         with self.lock:
             old = self.live.pop(live.id, None)
             if old is not None:
                 self.by_digest.pop(old.digest, None)
+                if old is not live:
+                    self._forget(old)
             self.live[live.id] = live
             self.by_digest[live.digest] = live.id
-            while len(self.live) > self.max_sessions:
-                _, gone = self.live.popitem(last=False)
+            idle = [x for x in self.live.values() if x.inflight == 0 and x is not live]
+            while len(self.live) > self.max_sessions and idle:
+                gone = idle.pop(0)
+                del self.live[gone.id]
                 self.by_digest.pop(gone.digest, None)  # already on disk (every turn is), or dropped
+                self._forget(gone)
+
+    def _forget(self, live: Live) -> None:
+        """Free the session's row (or snapshot) on the engine's thread."""
+        stream = live.session.stream
+        self.engine.call_soon(lambda: self.engine.close(stream))
 
     def update_digest(self, live: Live, digest: str, messages: int) -> None:
         with self.lock:
@@ -135,7 +158,7 @@ class SessionStore:
         tensors, state = live.session.state()
         state["server"] = {"id": live.id, "digest": live.digest, "messages": live.messages}
         path = write_session_file(self.path(live.id), tensors, state, self.model)
-        stats = live.session.stats()
+        stats = live.session.stats(recorded=True)
         with self.lock:
             self.db.execute(
                 "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -147,8 +170,10 @@ class SessionStore:
         """Forget the in-memory copy (e.g. after a failure); the file, if any, stays."""
         with self.lock:
             live = self.live.pop(session_id, None)
-            if live is not None and self.by_digest.get(live.digest) == session_id:
-                del self.by_digest[live.digest]
+            if live is not None:
+                if self.by_digest.get(live.digest) == session_id:
+                    del self.by_digest[live.digest]
+                self._forget(live)
 
     # -- for the HTTP handlers ---------------------------------------------------------------------------------
     def describe(self, session_id: str) -> dict | None:
@@ -156,7 +181,7 @@ class SessionStore:
             if session_id in self.live:
                 live = self.live[session_id]
                 return {"id": session_id, "object": "session", "in_memory": True, "messages": live.messages,
-                        **live.session.stats_dict()}  # fmt: skip
+                        **live.session.stats_dict(recorded=True)}  # fmt: skip
             if self.db is None:
                 return None
             row = self.db.execute(

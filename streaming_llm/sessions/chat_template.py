@@ -67,6 +67,19 @@ class IncrementalChatTemplate:
         self._remember(message)
         return tail
 
+    def restore(self, context: list[dict[str, str]]) -> None:
+        """Continue from a saved context (what :attr:`context` held).
+
+        Raises:
+            ValueError: ``context`` is not a list of ``{"role", "content"}`` messages.
+        """
+        if not isinstance(context, list) or not all(
+            isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())
+            for m in context
+        ):
+            raise ValueError("The template context is not a list of messages.")
+        self.context = [dict(m) for m in context]
+
     def _remember(self, message: dict[str, str]) -> None:
         self.context.append(message)
         while len(self.context) > 1 + KEEP_LAST:

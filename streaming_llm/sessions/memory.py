@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..core.cache import StreamingCache
 from ..core.compat import cache_kwargs
+
+if TYPE_CHECKING:
+    from .session import CacheView
 
 Summarizer = Callable[[str, str], str]
 """``summarizer(previous_summary, newly_evicted_text) -> new_summary``."""
@@ -63,10 +66,10 @@ class HybridMemory:
         ids = tokenizer(self.frame.format(summary=summary), add_special_tokens=False)["input_ids"]
         return ids[: self.max_tokens]
 
-    def install(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: StreamingCache,
+    def install(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: CacheView,
                 sink_ids: list[int], summary: str) -> None:  # fmt: skip
-        """Encode ``summary`` right after the sinks (whose ids are ``sink_ids``) and make it ``cache``'s
-        pinned segment, through the cache's public :meth:`StreamingCache.set_segment`."""
+        """Encode ``summary`` right after the sinks (whose ids are ``sink_ids``) and make it the pinned segment of
+        a session's cache row (``cache.set_segment``)."""
         keys, values = encode_segment(model, sink_ids, self.encode(tokenizer, summary))
         cache.set_segment(keys, values)
 

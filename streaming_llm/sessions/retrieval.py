@@ -35,8 +35,7 @@ from .memory import encode_segment
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from ..core.cache import StreamingCache
-    from .session import StreamingSession
+    from .session import CacheView, StreamingSession
 
 _STOPWORDS = (
     "a an and are as at be but by can could did do does for from had has have he her his how i if in into is it its "
@@ -247,12 +246,10 @@ class RetrievalMemory:
         self.db.close()
 
 
-def install_segment(model: PreTrainedModel, cache: StreamingCache, sink_ids: list[int], ids: list[int]) -> None:
-    """Encode ``ids`` right after the sinks ``sink_ids`` and make them ``cache``'s pinned segment (empty ``ids``
-    clears it)."""
+def install_segment(model: PreTrainedModel, cache: CacheView, sink_ids: list[int], ids: list[int]) -> None:
+    """Encode ``ids`` right after the sinks ``sink_ids`` and make them the pinned segment of a session's cache
+    row (empty ``ids`` clears it)."""
     if ids:
-        keys, values = encode_segment(model, sink_ids, ids)
+        cache.set_segment(*encode_segment(model, sink_ids, ids))
     else:
-        keys = [layer.keys[:, :, :0] for layer in cache.layers]
-        values = [layer.values[:, :, :0] for layer in cache.layers]
-    cache.set_segment(keys, values)
+        cache.clear_segment()

@@ -1,10 +1,12 @@
 """Multi-turn conversations that never end and never re-process history.
 
-A :class:`StreamingSession` owns one :class:`StreamingCache` for its whole life. Each turn feeds only
-its own new tokens (the chat template is rendered incrementally), the model's reply is generated on
-the same cache, and memory stays fixed however long the conversation runs. A system prompt can be
-pinned next to the attention sinks so it is never evicted; long documents are fed chunk by chunk;
-the whole state can be saved to a safetensors file and restored exactly.
+A :class:`StreamingSession` is one stream of an :class:`~streaming_llm.runtime.engine.Engine` for its
+whole life: a row of the engine's cache while it is resident (a private one-row engine by default,
+or a shared engine's row, as in the server). Each turn feeds only its own new tokens (the chat
+template is rendered incrementally), the model's reply is generated on the same row, and memory
+stays fixed however long the conversation runs. A system prompt can be pinned next to the attention
+sinks so it is never evicted; long documents are fed chunk by chunk; the whole state can be saved to
+a safetensors file and restored exactly.
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.architectures import describe
 from ..core.attention import install
-from ..core.cache import StreamingCache
-from ..runtime.generation import GenerationChunk, _stream, auto_chunk_size, check_max_new_tokens, prefill
+from ..core.cache import CacheState, RowStats, StreamingCache, check_int
+from ..runtime.engine import Engine, Request, Stream, StreamBrokenError, check_max_new_tokens
+from ..runtime.generation import GenerationChunk, TextStream, eos_ids, run_text_request
 from ..runtime.sampling import Sampler, SamplingConfig
 from .chat_template import IncrementalChatTemplate
 from .memory import HybridMemory
 from .persistence import SessionFileError, read_session_file, write_session_file
 from .retrieval import RetrievalMemory
 
-
-class SessionBrokenError(RuntimeError):
-    """The session cannot continue: generation failed inside a forward, so its cache may be half-updated."""
+SessionBrokenError = StreamBrokenError
+"""The session cannot continue: a forward failed while it was fed, so its row may be half-updated."""
 
 
 @dataclass(frozen=True)
@@ -68,21 +70,92 @@ class IngestStats:
     tokens_per_second: float
 
 
+class CacheView:
+    """A session's row of the cache, read-only: its counters and sizes (what ``session.cache`` gives).
+
+    Attributes mirror a one-row :class:`~streaming_llm.core.cache.StreamingCache`: ``seen_tokens``,
+    ``cached_tokens``, ``evicted_tokens``, ``segment_len``, ``start_size``, ``recent_size``,
+    ``segment_capacity``, ``nbytes``. The pinned segment is replaced with :meth:`set_segment` (through
+    the engine); nothing else of the cache can be changed through a view.
+    """
+
+    def __init__(self, engine: Engine, stream: Stream):
+        self._engine, self._stream = engine, stream
+
+    def _row(self) -> RowStats:
+        return self._engine.row_stats(self._stream)
+
+    @property
+    def seen_tokens(self) -> int:
+        return self._row().seen_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._row().cached_tokens
+
+    @property
+    def evicted_tokens(self) -> int:
+        return self._row().evicted_tokens
+
+    @property
+    def segment_len(self) -> int:
+        return self._row().segment_tokens
+
+    @property
+    def start_size(self) -> int:
+        return self._stream.start_size
+
+    @property
+    def recent_size(self) -> int:
+        return self._engine.cache.recent_size
+
+    @property
+    def segment_capacity(self) -> int:
+        return self._engine.cache.segment_capacity
+
+    @property
+    def capacity(self) -> int:
+        return self._row().capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cache storage the session's row holds (constant)."""
+        return self._row().cache_bytes
+
+    def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Replace the row's pinned segment (see :meth:`StreamingCache.set_segment`)."""
+        self._engine.set_segment(self._stream, keys, values)
+
+    def clear_segment(self) -> None:
+        """Remove the row's pinned segment."""
+        empty = torch.zeros(1, self._engine.cache.spec.num_kv_heads, 0, self._engine.cache.spec.head_dim)
+        layers = self._engine.cache.spec.num_layers
+        self._engine.set_segment(self._stream, [empty] * layers, [empty] * layers)
+
+
 class StreamingSession:
-    """An endless chat on one streaming cache.
+    """An endless chat on one stream of an engine.
 
     Args:
         model: A supported causal LM (switched to the streaming attention).
         tokenizer: Its tokenizer, with a chat template.
         system_prompt: Optional system message, rendered first.
         start_size: Attention sinks (default 4).
-        recent_size: Recent tokens kept (default 2000).
+        recent_size: Recent tokens kept (default 2000); with ``engine``, the engine's.
         pin_system_prompt: Keep the whole system prompt forever, beside the sinks (default True).
         sampling: How replies are sampled (greedy by default).
         memory: Optional :class:`HybridMemory` (summarise evicted text into a pinned slot) or
             :class:`~streaming_llm.sessions.retrieval.RetrievalMemory` (index evicted text, pin the best matches
             per turn).
-        prefill_chunk: Tokens per forward when feeding prompts and documents.
+        prefill_chunk: Tokens per forward when feeding prompts and documents (None: chosen from free memory).
+        engine: Run on this engine's rows (shared with other sessions) instead of a private one-row engine.
+            A shared engine that a worker thread drives is used through :meth:`turn_request` only. Its rows pin
+            at most ``pinned_capacity`` tokens: a longer system prompt pins its first ones (the rest scrolls).
+        name: The session's name on the engine (messages, the server's session id).
+
+    Raises:
+        ValueError: Bad sizes, or settings that do not fit ``engine``'s cache.
+        NotImplementedError: Memory with a model that has sliding-window layers.
 
     Turn boundaries: after every turn the tokens the model has seen are the chat template's rendering
     of the conversation (as returned to the caller), however the reply ended: end-of-turn token,
@@ -90,12 +163,12 @@ class StreamingSession:
     disconnects). One exception, inherent to a cache that cannot take tokens back: when a stop string
     spans several tokens, the tokens before the one that completes it were already fed, so the context
     keeps that start of the stop string (the session then records the reply as the model saw it). An
-    exception inside a forward leaves the cache half-updated: the session raises
+    exception inside a forward leaves the row half-updated: the session raises
     :class:`SessionBrokenError` from then on (restore it from a saved state).
 
-    Memory: the cache is fixed; the session itself holds O(1) more: the sink ids (``start_size``), the
-    template's last few messages, the sampler's bounded history and, with hybrid memory only, the ids
-    in the window (``recent_size``) and at most ``memory.update_every`` evicted ids awaiting a summary.
+    Memory: the cache row is fixed; the session itself holds O(1) more: the sink ids (``start_size``),
+    the template's last few messages, the sampler's bounded history and, with hybrid memory only, the
+    ids in the window (``recent_size``) and at most ``memory.update_every`` evicted ids awaiting a summary.
     Nothing grows with the length of the conversation.
     """
 
@@ -111,36 +184,97 @@ class StreamingSession:
         sampling: SamplingConfig | None = None,
         memory: HybridMemory | RetrievalMemory | None = None,
         prefill_chunk: int | None = None,
+        engine: Engine | None = None,
+        name: str = "session",
+        _state: CacheState | None = None,
     ):
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if prefill_chunk is not None:
+            check_int("prefill_chunk", prefill_chunk, 1)
         install(model)
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.name = model, tokenizer, name
         self.system_prompt = system_prompt
-        self.sampling = sampling or SamplingConfig()
         self.memory = memory
         self.prefill_chunk = prefill_chunk
         self.template = IncrementalChatTemplate(tokenizer)
-        self.sampler = Sampler(self.sampling, device=model.device, tokenizer=tokenizer)
         self.turns = 0
-        self.last_logits: torch.Tensor | None = None
-        self.broken: str | None = None
-        opening = self._tokens(self.template.add("system", system_prompt)) if system_prompt else []
-        pinned = max(start_size, len(opening)) if pin_system_prompt else start_size
-        capacity = memory.max_tokens if memory else 0
+        self.stop_ids = frozenset(eos_ids(model, tokenizer))
         if memory and any(layer.sliding_window for layer in describe(model.config).layers):
             raise NotImplementedError(
-                "Hybrid memory is not available for models with sliding-window layers (their local layers have no "
-                "pinned slot for a summary); use plain streaming with this model."
+                "Memory is not available for models with sliding-window layers (their local layers have no pinned "
+                "slot for a summary or passages); use plain streaming with this model."
             )
-        self.cache = StreamingCache(model.config, pinned, recent_size, segment_capacity=capacity)
-        self.sink_ids: list[int] = []  # the pinned tokens' ids (hybrid memory re-encodes them)
+        opening = self._tokens(self.template.add("system", system_prompt)) if system_prompt else []
+        pinned = max(start_size, len(opening)) if pin_system_prompt else start_size
+        if _state is not None:
+            pinned = int(_state[1]["start_size"])
+        elif engine is not None:  # a shared engine's rows pin at most pinned_capacity tokens: the prompt's start
+            pinned = min(pinned, engine.cache.pinned_capacity)
+        capacity = memory.max_tokens if memory else 0
+        self.engine, self.owns_engine = self._engine_for(engine, pinned, recent_size, capacity, _state)
+        sampler = Sampler(sampling or SamplingConfig(), device=model.device, tokenizer=tokenizer)
+        if self.owns_engine:
+            self.stream = self.engine.open(name, row=0, sampler=sampler)
+        else:
+            self.stream = self.engine.open(name, start_size=pinned, state=_state, sampler=sampler)
+        self.cache = CacheView(self.engine, self.stream)
+        self.sink_ids: list[int] = []  # the pinned tokens' ids (memory re-encodes them)
         # With hybrid memory only: ids in the window, and those evicted but not yet summarised.
         self.window_ids: deque[int] = deque(maxlen=recent_size if memory else 0)
         self.pending_ids: list[int] = []
         self.summary = ""
         if opening:
+            self._open_with(opening)
+
+    def _engine_for(self, engine: Engine | None, pinned: int, recent_size: int, capacity: int,
+                    state: CacheState | None) -> tuple[Engine, bool]:  # fmt: skip
+        if engine is not None:
+            cache = engine.cache
+            if cache.recent_size != recent_size or cache.segment_capacity < capacity:
+                raise ValueError(
+                    f"This session needs rows of {recent_size} recent tokens with a {capacity}-token segment; the "
+                    f"engine's rows have {cache.recent_size} and {cache.segment_capacity}."
+                )
+            return engine, False
+        model = self.model
+        if state is not None:
+            tensors, counters = state
+            moved = {k: v.to(model.device) for k, v in tensors.items()}
+            cache = StreamingCache.from_state(model.config, moved, counters)
+            if cache.segment_capacity < capacity:
+                raise ValueError("The cache's pinned-segment slot is smaller than the session's memory needs.")
+        else:
+            cache = StreamingCache(model.config, pinned, recent_size, capacity, rows=1, dtype=model.dtype,
+                                   device=model.device)  # fmt: skip
+        return Engine(model, cache, chunk_size=self.prefill_chunk), True
+
+    def _open_with(self, opening: list[int]) -> None:
+        """Feed the rendered system prompt now (a private engine), or owe it to the first request (shared)."""
+        if self.owns_engine:
             self.feed(opening)
+        else:
+            self.stream.owe(opening)
+
+    # -- what the session is made of -------------------------------------------------------------------
+    @property
+    def sampler(self) -> Sampler:
+        return self.stream.sampler
+
+    @sampler.setter
+    def sampler(self, sampler: Sampler) -> None:
+        self.stream.sampler = sampler
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.stream.sampler.config
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """Next-token logits ``(vocab,)`` after the last token fed."""
+        return self.stream.last_logits
+
+    @property
+    def broken(self) -> str | None:
+        return self.stream.broken
 
     # -- feeding ----------------------------------------------------------------------------------
     def _tokens(self, text: str) -> list[int]:
@@ -153,24 +287,31 @@ class StreamingSession:
                 "saved state (StreamingSession.load) or start a new session."
             )
 
+    def _check_owned(self) -> None:
+        if not self.owns_engine:
+            raise RuntimeError(
+                "This session runs on a shared engine: submit its turn_request() to the engine instead of calling "
+                "send()/feed() (the engine's thread runs it)."
+            )
+
     def feed(self, ids: list[int]) -> torch.Tensor:
-        """Feed token ids into the cache (never re-processed); return the next-token logits (vocab,)."""
+        """Feed token ids into the cache (never re-processed); return the next-token logits ``(vocab,)``.
+
+        Raises:
+            SessionBrokenError: The session failed earlier, or this forward failed.
+        """
+        self._check_owned()
         self._check_usable()
-        size = self.prefill_chunk or auto_chunk_size(self.model, self.cache)  # None: chosen from free memory
-        for chunk_start in range(0, len(ids), size):
-            chunk = ids[chunk_start : chunk_start + size]
-            try:
-                self.last_logits = prefill(self.model, self.cache, chunk, size)
-            except BaseException as error:
-                self.broken = f"a forward failed while feeding tokens ({type(error).__name__}: {error})"
-                raise
-            self._track(chunk)
+        if ids:
+            request = Request(self.stream, list(ids), 0, on_fed=self._track, chunk_size=self.prefill_chunk)
+            self.engine.run_to_end(self.engine.submit(request))
         return self.last_logits
 
     def _track(self, ids: list[int]) -> None:
-        """Keep the sink ids, and (hybrid memory) follow which ids leave the window to be summarised."""
+        """After ``ids`` were fed: keep the sink ids, and (memory) follow which ids leave the window to be
+        summarised or indexed."""
         seen_before = self.cache.seen_tokens - len(ids)
-        skip = max(0, self.cache.start_size - seen_before)  # pinned tokens never enter the window
+        skip = max(0, self.stream.start_size - seen_before)  # pinned tokens never enter the window
         self.sink_ids.extend(ids[:skip])
         if not self.memory:
             return
@@ -207,43 +348,63 @@ class StreamingSession:
             ValueError: at once (before anything is fed) for a bad ``max_new_tokens``, ``stop`` or message.
             SessionBrokenError: the session failed earlier inside a forward.
         """
+        request, text = self.turn_request([("user", message)], max_new_tokens, stop)
+        self._check_owned()
+        self._check_usable()
+        return self._drive(request, text)
+
+    def _drive(self, request: Request, text: TextStream) -> Iterator[GenerationChunk]:
+        # Nothing happens until the first piece is asked for (a stream never iterated changes nothing).
+        self.engine.submit(request)
+        yield from run_text_request(self.engine, request, text)
+
+    def turn_request(
+        self, messages: list[tuple[str, str]], max_new_tokens: int | None = 512, stop: tuple[str, ...] | list[str] = (),
+        *, sampling: SamplingConfig | None = None, deadline: float | None = None, on_event=None, on_done=None,
+    ) -> tuple[Request, TextStream]:  # fmt: skip
+        """The engine request of one turn: feed ``messages`` (earlier ones whole, the last one a user message
+        followed by the assistant header), generate the reply, close the turn. Nothing changes until the
+        engine starts it; its pieces come out of the returned :class:`TextStream`.
+
+        Args:
+            messages: ``(role, content)`` pairs, or a callable returning them when the turn starts (on the
+                engine's thread, in order with the session's other turns; an exception it raises fails the
+                request before anything is fed).
+            on_event, on_done: Passed to the :class:`~streaming_llm.runtime.engine.Request`.
+
+        Raises:
+            ValueError: A bad ``max_new_tokens``, ``stop``, role or message.
+        """
         check_max_new_tokens(max_new_tokens)
-        if not isinstance(message, str):
-            raise ValueError(f"The message must be a string, got {type(message).__name__}.")
         stop = tuple(stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"Stop strings must be non-empty strings, got {stop!r}.")
-        self._check_usable()
-        return self._reply(message, max_new_tokens, stop)
+        if not callable(messages):
+            _check_messages(messages)
+        text = TextStream(self.tokenizer, stop, set(self.stop_ids), lambda: self.engine.row_stats(self.stream))
 
-    def _reply(self, message: str, max_new_tokens: int | None, stop: tuple[str, ...]) -> Iterator[GenerationChunk]:
-        # Nothing happens until the first piece is asked for (a stream never iterated changes nothing).
-        if isinstance(self.memory, RetrievalMemory):
-            self.memory.recall(self, message)  # pin the evicted passages that best match the message
-        logits = self.feed(self._tokens(self.template.add("user", message, generation_prompt=True)))
-        first = self.cache.seen_tokens
-        generated: list[int] = []
-        text: list[str] = []
-        stream = _stream(self.model, self.tokenizer, self.cache, logits, self.sampler, max_new_tokens, stop)
-        try:
-            while True:
-                try:
-                    piece = next(stream)
-                except StopIteration:
-                    break
-                except BaseException as error:
-                    self.broken = f"generation failed ({type(error).__name__}: {error})"
-                    raise
-                if piece.token_id is not None:
-                    generated.append(piece.token_id)
-                text.append(piece.text)
-                yield piece
-        finally:
-            stream.close()
-            if not self.broken:
-                # Tokens fed while generating: every sampled one but the last (an end-of-turn token is
-                # never fed; the template's closing text renders it).
-                self._close_turn(generated[: self.cache.seen_tokens - first], generated, "".join(text))
+        def prompt() -> list[int]:  # on the engine's thread, when the turn starts
+            turn = messages() if callable(messages) else messages
+            if callable(messages):
+                _check_messages(turn)
+            if isinstance(self.memory, RetrievalMemory):
+                self.memory.recall(self, turn[-1][1])  # pin the evicted passages that best match the message
+            ids = []
+            for role, content in turn[:-1]:
+                ids += self._tokens(self.template.add(role, content))
+                self.turns += role == "user"
+            return ids + self._tokens(self.template.add("user", turn[-1][1], generation_prompt=True))
+
+        def finish(request: Request) -> list[int]:
+            text.finish(request.finish_reason)
+            return self._close_turn(request.tokens, "".join(text.text))
+
+        request = Request(
+            self.stream, prompt, max_new_tokens, self.stop_ids, on_token=text.on_token, on_finish=finish,
+            on_fed=self._track, on_event=on_event, deadline=deadline, chunk_size=self.prefill_chunk,
+            sampling=sampling, on_done=on_done,
+        )  # fmt: skip
+        return request, text
 
     def add_message(self, role: str, content: str) -> None:
         """Feed a whole message without generating (e.g. earlier turns of a conversation being resumed)."""
@@ -254,16 +415,18 @@ class StreamingSession:
 
     def use_sampling(self, sampling: SamplingConfig) -> None:
         """Sample the next replies differently (keeps the repetition-penalty history)."""
-        recent = list(self.sampler.recent)
-        self.sampling, self.sampler = sampling, Sampler(sampling, device=self.model.device, tokenizer=self.tokenizer)
-        self.sampler.observe(recent)
+        self.stream.use_sampling(sampling, self.tokenizer)
 
     def chat(self, message: str, max_new_tokens: int | None = 512, stop: tuple[str, ...] | list[str] = ()) -> str:
         """Add a user message and return the whole reply (``max_new_tokens`` as in :meth:`send`)."""
         return "".join(piece.text for piece in self.send(message, max_new_tokens, stop))
 
-    def _close_turn(self, fed: list[int], generated: list[int], reply: str) -> None:
-        """Make the context equal the template's rendering of ``reply``, then close the assistant turn."""
+    def _close_turn(self, tokens: list[int], reply: str) -> list[int]:
+        """The tokens that make the context equal the template's rendering of ``reply`` and close the turn.
+
+        ``tokens`` are the generated ones: all but the last were fed (a stop id is never fed)."""
+        fed = tokens[:-1]
+        generated = [t for t in tokens if t not in self.stop_ids]
         self._track(fed)
         decode = self.tokenizer.decode
         fed_text = decode(fed, skip_special_tokens=True) if fed else ""
@@ -276,8 +439,8 @@ class StreamingSession:
             content = reply
         else:  # a stop string spanning tokens: its start was fed and cannot be taken back
             extra, content = [], fed_text
-        self.feed(extra + self._tokens(self.template.assistant_tail(content)))
         self.turns += 1
+        return extra + self._tokens(self.template.assistant_tail(content))
 
     def ingest(self, source: str | os.PathLike, chunk_size: int | None = None, progress: bool = True) -> IngestStats:
         """Feed a long document (text, or a path to a text file) as a user message, chunk by chunk.
@@ -312,34 +475,43 @@ class StreamingSession:
         seconds = time.perf_counter() - began
         return IngestStats(fed, seconds, fed / max(seconds, 1e-9))
 
-    def stats(self) -> SessionStats:
+    def stats(self, recorded: bool = False) -> SessionStats:
+        """Where the session stands now; ``recorded=True``: as of its last completed request (a snapshot any
+        thread may read, e.g. while a shared engine's thread runs it)."""
+        row = self.stream.stats if recorded else self.engine.row_stats(self.stream)
+        if row is None:  # nothing fed yet
+            row = self.engine.cache.stats_for(({}, {"start_size": self.stream.start_size, "groups": [
+                {"seen": 0, "segment_len": 0}] * len(self.engine.cache.groups)}))  # fmt: skip
         return SessionStats(
-            turns=self.turns, seen_tokens=self.cache.seen_tokens, evicted_tokens=self.cache.evicted_tokens,
-            cached_tokens=self.cache.cached_tokens, pinned_tokens=self.cache.start_size,
-            summary_tokens=self.cache.segment_len, capacity=self.cache.window.capacity + self.cache.segment_capacity,
-            cache_bytes=self.cache.nbytes,
+            turns=self.turns, seen_tokens=row.seen_tokens, evicted_tokens=row.evicted_tokens,
+            cached_tokens=row.cached_tokens, pinned_tokens=row.pinned_tokens, summary_tokens=row.segment_tokens,
+            capacity=row.capacity, cache_bytes=row.cache_bytes,
         )  # fmt: skip
 
-    def stats_dict(self) -> dict[str, int]:
-        return asdict(self.stats())
+    def stats_dict(self, recorded: bool = False) -> dict[str, int]:
+        return asdict(self.stats(recorded))
 
     # -- state ---------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything needed to continue this session exactly: ``(tensors, state)``.
+        """A snapshot of everything needed to continue this session exactly: ``(tensors, state)``.
 
-        ``tensors`` maps names to tensors (the cache's, the tracked ids, the last logits, the RNG
-        state); ``state`` is JSON-serialisable (counters, template context, summary, sampling). Its
-        size does not grow with the conversation. Rebuild with :meth:`from_state`.
+        ``tensors`` maps names to tensors (the cache row's, the tracked ids, the last logits, the RNG
+        state), all copies on the host that later turns cannot change; ``state`` is JSON-serialisable
+        (counters, template context, summary, sampling). Its size does not grow with the conversation.
+        Rebuild with :meth:`from_state`.
+
+        Raises:
+            SessionBrokenError: The session failed inside a forward.
         """
         self._check_usable()
-        cache_tensors, counters = self.cache.state()
+        cache_tensors, counters = self.engine.snapshot(self.stream)
         tensors = {f"cache.{k}": v for k, v in cache_tensors.items()}
         tensors["session.sink_ids"] = torch.tensor(self.sink_ids, dtype=torch.int64)
         if self.memory:
             tensors["session.window_ids"] = torch.tensor(list(self.window_ids), dtype=torch.int64)
             tensors["session.pending_ids"] = torch.tensor(self.pending_ids, dtype=torch.int64)
         if self.last_logits is not None:
-            tensors["session.last_logits"] = self.last_logits
+            tensors["session.last_logits"] = self.last_logits.detach().to("cpu", copy=True)
         if self.sampler.generator is not None:
             tensors["session.rng_state"] = self.sampler.generator.get_state()
         memory = None
@@ -351,61 +523,63 @@ class StreamingSession:
                       "frame": self.memory.frame}  # fmt: skip
         state = {
             "cache": counters, "system_prompt": self.system_prompt, "turns": self.turns, "summary": self.summary,
-            "template_context": self.template.context, "sampling": asdict(self.sampling),
+            "template_context": [dict(m) for m in self.template.context], "sampling": asdict(self.sampling),
             "recent_ids": list(self.sampler.recent), "prefill_chunk": self.prefill_chunk, "memory": memory,
         }  # fmt: skip
         return tensors, state
 
     @classmethod
     def from_state(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tensors: dict[str, torch.Tensor],
-                   state: dict, memory: HybridMemory | RetrievalMemory | None = None) -> StreamingSession:  # fmt: skip
-        """Rebuild a session from :meth:`state`'s output (tensors on any device).
+                   state: dict, memory: HybridMemory | RetrievalMemory | None = None, *, engine: Engine | None = None,
+                   name: str = "session") -> StreamingSession:  # fmt: skip
+        """Rebuild a session from :meth:`state`'s output (tensors on any device), on a private engine or on
+        ``engine``'s rows.
 
         ``memory`` supplies the summariser for a session saved with hybrid memory (its sizes come from
         the state); without it the model summarises itself. Raises ``KeyError``/``TypeError``/``ValueError``
         for inconsistent input (:meth:`load` turns them into :class:`SessionFileError`).
         """
         counters = state["cache"]
-        saved_memory = state["memory"]
-        if saved_memory is not None and saved_memory.get("kind") == RetrievalMemory.kind:
-            memory_tensors = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
-            if isinstance(memory, RetrievalMemory):  # the caller's object, with the saved index
-                memory.load_state(memory_tensors)
-            else:
-                memory = RetrievalMemory.from_state(memory_tensors, saved_memory)
-        elif saved_memory is not None:
-            summarizer = memory.summarizer if isinstance(memory, HybridMemory) else None
-            memory = HybridMemory(summarizer, **saved_memory)
-        elif memory is not None:
-            raise ValueError("This session was saved without memory; load it without `memory`.")
+        memory = _saved_memory(tensors, state["memory"], memory)
+        cache_tensors = {k.removeprefix("cache."): v for k, v in tensors.items() if k.startswith("cache.")}
         session = cls(
-            model, tokenizer, None, start_size=counters["start_size"], recent_size=counters["recent_size"],
+            model, tokenizer, None, start_size=int(counters["start_size"]), recent_size=int(counters["recent_size"]),
             pin_system_prompt=False, sampling=SamplingConfig(**state["sampling"]), memory=memory,
-            prefill_chunk=state["prefill_chunk"],
+            prefill_chunk=state["prefill_chunk"], engine=engine, name=name, _state=(cache_tensors, counters),
         )  # fmt: skip
-        device = model.device
-        cache_tensors = {k.removeprefix("cache."): v.to(device) for k, v in tensors.items() if k.startswith("cache.")}
-        session.cache = StreamingCache.from_state(model.config, cache_tensors, counters)
-        if session.cache.segment_capacity != (memory.max_tokens if memory else 0):
-            raise ValueError("The cache's pinned-segment slot does not match the session's memory settings.")
-        session.system_prompt = state["system_prompt"]
-        session.turns, session.summary = int(state["turns"]), str(state["summary"])
-        context = state["template_context"]
-        if not all(isinstance(m, dict) and set(m) == {"role", "content"} for m in context):
-            raise ValueError("The template context is not a list of messages.")
-        session.template.context = list(context)
-        session.sink_ids = tensors["session.sink_ids"].tolist()
-        if len(session.sink_ids) != min(session.cache.start_size, session.cache.seen_tokens):
-            raise ValueError("The saved sink ids do not match the cache's sinks.")
-        if memory:
-            session.window_ids.extend(tensors["session.window_ids"].tolist())
-            session.pending_ids = tensors["session.pending_ids"].tolist()
-        session.sampler.observe([int(t) for t in state["recent_ids"]])
-        if "session.rng_state" in tensors and session.sampler.generator is not None:
-            session.sampler.generator.set_state(tensors["session.rng_state"].cpu())
-        if "session.last_logits" in tensors:
-            session.last_logits = tensors["session.last_logits"].to(device)
+        session._restore_fields(tensors, state)
         return session
+
+    def _restore_fields(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        self.system_prompt = state["system_prompt"]
+        self.turns, self.summary = int(state["turns"]), str(state["summary"])
+        self.template.restore(state["template_context"])
+        self.sink_ids = tensors["session.sink_ids"].tolist()
+        seen = int(state["cache"]["groups"][0]["seen"])
+        if len(self.sink_ids) != min(self.stream.start_size, seen):
+            raise ValueError("The saved sink ids do not match the cache's sinks.")
+        if self.memory:
+            self.window_ids.extend(tensors["session.window_ids"].tolist())
+            self.pending_ids = tensors["session.pending_ids"].tolist()
+        self.sampler.observe([int(t) for t in state["recent_ids"]])
+        if "session.rng_state" in tensors and self.sampler.generator is not None:
+            self.sampler.generator.set_state(tensors["session.rng_state"].cpu())
+        if "session.last_logits" in tensors:
+            self.stream.restore_logits(tensors["session.last_logits"].to(self.model.device))
+
+    def fork(
+        self, *, keep_memory: bool = True, engine: Engine | None = None, name: str | None = None
+    ) -> StreamingSession:
+        """An independent copy that continues from this session's state (a snapshot): on a private engine, or on
+        ``engine``'s rows. ``keep_memory=False`` drops the memory (its index or summary) from the copy."""
+        tensors, state = self.state()
+        if not keep_memory:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("memory.")}
+            tensors.pop("session.window_ids", None)
+            tensors.pop("session.pending_ids", None)
+            state = {**state, "memory": None}
+        return StreamingSession.from_state(self.model, self.tokenizer, tensors, state, engine=engine,
+                                           name=name or f"{self.name}-fork")  # fmt: skip
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -427,6 +601,33 @@ class StreamingSession:
             return cls.from_state(model, tokenizer, tensors, state, memory)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
             raise SessionFileError(f"{path} holds an inconsistent session ({type(error).__name__}: {error}).") from None
+
+
+def _check_messages(messages: list[tuple[str, str]]) -> None:
+    if not messages or messages[-1][0] != "user":
+        raise ValueError("A turn ends with a user message.")
+    for role, content in messages:
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"role must be 'system', 'user' or 'assistant', got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"The message must be a string, got {type(content).__name__}.")
+
+
+def _saved_memory(tensors: dict[str, torch.Tensor], saved: dict | None,
+                  memory: HybridMemory | RetrievalMemory | None) -> HybridMemory | RetrievalMemory | None:  # fmt: skip
+    """The memory a saved session continues with: its retrieval index, or a hybrid memory with its sizes."""
+    if saved is not None and saved.get("kind") == RetrievalMemory.kind:
+        memory_tensors = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
+        if isinstance(memory, RetrievalMemory):  # the caller's object, with the saved index
+            memory.load_state(memory_tensors)
+            return memory
+        return RetrievalMemory.from_state(memory_tensors, saved)
+    if saved is not None:
+        summarizer = memory.summarizer if isinstance(memory, HybridMemory) else None
+        return HybridMemory(summarizer, **saved)
+    if memory is not None:
+        raise ValueError("This session was saved without memory; load it without `memory`.")
+    return None
 
 
 def _text_blocks(source: str | os.PathLike, block_chars: int = 1 << 16) -> Iterator[str]:
