@@ -32,23 +32,27 @@ _EXPORTS = {
     "SessionBrokenError": "sessions.session",
     "SessionFileError": "sessions.persistence",
     "HybridMemory": "sessions.memory",
-    "Decoder": "core.decode",
-    "SlotCache": "core.slots",
-    "Scheduler": "runtime.scheduler",
+    "Stepper": "core.stepper",
+    "RowStats": "core.cache",
+    "Engine": "runtime.engine",
+    "Request": "runtime.engine",
+    "Stream": "runtime.engine",
 }
 
 __all__ = [
     "SUPPORTED",
-    "Decoder",
+    "Engine",
     "GenerationChunk",
     "HybridMemory",
     "ModelSpec",
     "SamplingConfig",
-    "Scheduler",
+    "Request",
+    "RowStats",
     "SessionBrokenError",
     "SessionFileError",
     "SessionStats",
-    "SlotCache",
+    "Stepper",
+    "Stream",
     "StartRecentKVCache",
     "StreamingCache",
     "StreamingSession",
@@ -64,14 +68,13 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .core.architectures import SUPPORTED, ModelSpec, describe
     from .core.attention import install, uninstall
-    from .core.cache import StreamingCache
-    from .core.decode import Decoder
-    from .core.slots import SlotCache
+    from .core.cache import RowStats, StreamingCache
+    from .core.stepper import Stepper
     from .enable_streaming_llm import StartRecentKVCache, enable_streaming_llm
+    from .runtime.engine import Engine, Request, Stream
     from .runtime.generation import GenerationChunk, generate, stream_generate
     from .runtime.loading import load_model
     from .runtime.sampling import SamplingConfig
-    from .runtime.scheduler import Scheduler
     from .sessions.memory import HybridMemory
     from .sessions.persistence import SessionFileError
     from .sessions.session import SessionBrokenError, SessionStats, StreamingSession

@@ -11,7 +11,7 @@ import torch
 import streaming_llm
 from streaming_llm import StreamingCache
 from streaming_llm.core.compat import cache_kwargs
-from streaming_llm.runtime.generation import decode_step, prefill
+from streaming_llm.core.stepper import Stepper
 
 
 @torch.no_grad()
@@ -22,11 +22,11 @@ def stream_and_decode(model, start: int, recent: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     cache = StreamingCache(model.config, start, recent)
     logits = torch.cat([model(input_ids=c, **cache_kwargs(model, cache)).logits[0] for c in ids.split(7, dim=1)])
-    greedy = StreamingCache(model.config, start, recent)
-    next_logits, tokens = prefill(model, greedy, ids[0, :10].tolist()), []
+    greedy = Stepper(model, StreamingCache(model.config, start, recent))  # sized by the rank's own heads
+    next_logits, tokens = greedy.prefill(0, ids[0, :10]), []
     for _ in range(3 * (start + recent)):
         tokens.append(int(next_logits.argmax()))
-        next_logits = decode_step(model, greedy, tokens[-1])
+        next_logits = greedy.decode({0: tokens[-1]})[0]
     return {"logits": logits, "tokens": tokens, "nbytes": cache.nbytes, "kv_heads": cache.layers[0].keys.shape[1]}
 
 

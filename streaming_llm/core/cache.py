@@ -595,11 +595,11 @@ class StreamingCache(Cache):
         limit = self.spec.position_limit
         self.positions: PositionMode = positions or ("absolute" if limit is None else "compact")
         self.window = Window(start_size, recent_size, limit)
-        if limit is not None and pinned_capacity + recent_size + segment_capacity >= limit // 2:
+        if limit is not None and pinned_capacity + recent_size + segment_capacity >= limit:
             raise ValueError(
                 f"This model's RoPE changes frequencies past position {limit}, so the cache must stay well below it: "
-                f"{pinned_capacity + recent_size + segment_capacity} pinned + recent + segment tokens is too many; "
-                f"use at most {limit // 2 - 1}."
+                f"{pinned_capacity} pinned + {recent_size} recent + {segment_capacity} segment tokens is too large; "
+                f"use at most {limit // 2}."
             )
         self.segment_capacity, self.pinned_capacity = segment_capacity, pinned_capacity
         self.groups, members = self._make_groups(limit)
@@ -643,8 +643,10 @@ class StreamingCache(Cache):
                 g.clear_row(b, g.shape)
         self.free = set() if live else set(range(rows))
 
-    def _allocate(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
-        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+    def _allocate(self, rows: int, dtype: torch.dtype, device: torch.device, heads: int | None = None) -> None:
+        """Storage for ``rows`` rows; ``heads``: kv heads per layer as the model hands them over (a tensor-parallel
+        rank holds only its share), default the model's."""
+        heads, dim = heads or self.spec.num_kv_heads, self.spec.head_dim
         for g in self.groups:
             g.allocate(rows, heads, dim, dim, dtype, device)
         fields = len(SHARED_FIELDS) + len(GROUP_FIELDS) * len(self.groups)
@@ -852,22 +854,28 @@ class StreamingCache(Cache):
             )
 
     # -- planning (host integers only) -------------------------------------------------------------------
-    def plan_chunk(self, b: int, length: int) -> torch.Tensor:
-        """Plan the next forward: ``length`` tokens of row ``b`` (batch 1). Returns their position ids ``(1, length)``.
+    def plan_chunk(self, b: int, length: int) -> int:
+        """Plan the next forward: ``length`` tokens of row ``b`` (batch 1). Returns the model position of the first;
+        the forward must use positions ``m0 .. m0 + length - 1``. (A lazily sized cache gets its one row here and
+        its storage on the forward's first update.)
 
         Raises:
             ValueError: ``b`` is not assigned, ``length < 1``, or the positions would pass the model's limit.
         """
+        if self._n_rows is None:
+            self._start_rows(1, live=True)
         self._check_live(b)
         if length < 1:
             raise ValueError("Nothing to feed: a chunk needs at least one token.")
         m0 = self.next_position(b)
         self._check_limit(m0, length)
         self._set_plan(StepPlan(tuple(g.plan_chunk(range(b, b + 1), length, m0) for g in self.groups), (b,)))
-        return torch.arange(m0, m0 + length, device=self.main.keys.device)[None]
+        return m0
 
     def decodable(self, b: int) -> bool:
         """Whether row ``b``'s next token can join a batched decode step (its pinned prefix is complete)."""
+        if not self.groups[0].initialized:
+            return False
         m = self.next_position(b)
         return all(g.decodable(b, m) for g in self.groups)
 
@@ -951,7 +959,7 @@ class StreamingCache(Cache):
         if not layer.group.initialized:
             if self._n_rows is None:  # a lazily sized cache: one row per sequence of the first batch
                 self._start_rows(key_states.shape[0], live=True)
-            self._allocate(self.rows, key_states.dtype, key_states.device)
+            self._allocate(self.rows, key_states.dtype, key_states.device, key_states.shape[1])
         self._check_shapes(key_states, value_states)
         if layer_idx == 0:  # a new forward: its prepared plan, or a chunk planned now
             if self._plan is None or self._plan_used:
@@ -976,7 +984,7 @@ class StreamingCache(Cache):
                 f"{batch}. A plain forward feeds every row; to feed some rows, let the engine plan it "
                 "(plan_chunk / plan_decode)."
             )
-        if any(not r.same_stream(self.main.rows[0]) for g in self.groups for r in g.rows):
+        if any(not r.same_stream(g.rows[0]) for g in self.groups for r in g.rows):
             raise ValueError("The rows of this cache are in different states; a plain forward cannot feed them all.")
         m0 = self._first_position(position_ids, length)
         self._check_limit(m0, length)

@@ -64,7 +64,6 @@ class Stepper:
         self, model: PreTrainedModel, cache: StreamingCache, cuda_graphs: bool | None = None, compile: bool = False
     ):
         install(model)
-        cache.allocate(model.dtype, model.device)
         self.model, self.cache = model, cache
         self.cuda_graphs = graphs_enabled(model, cuda_graphs)
         self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False) if compile else None
@@ -84,7 +83,8 @@ class Stepper:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.model.device)
         if ids.shape[1] == 0:
             raise ValueError("Nothing to feed: the token list is empty.")
-        positions = self.cache.plan_chunk(b, ids.shape[1])
+        m0 = self.cache.plan_chunk(b, ids.shape[1])
+        positions = torch.arange(m0, m0 + ids.shape[1], device=ids.device)[None]
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **self._kwargs)
         return out.logits[0, -1]
 
@@ -110,7 +110,7 @@ class Stepper:
                 self._copied.synchronize()  # the previous copy has read the host buffer
             plan = cache.plan_decode(batched, n)
             ids, positions = cache.stage(plan)
-            if cache.main.keys.device.type == "cuda":
+            if ids.device.type == "cuda":
                 self._copied = torch.cuda.Event()
                 self._copied.record()
             logits = self._run(plan, ids, positions)

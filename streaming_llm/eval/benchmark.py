@@ -38,21 +38,6 @@ def cache_bytes(cache: Cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def fast_forward(cache: StreamingCache, tokens: int) -> int:
-    """Advance a full streaming cache's counters by about ``tokens`` (a multiple of the ring size), as if
-    that many more tokens had streamed past and been evicted. Every kept token keeps its slot and model
-    position, so the cache is in exactly the state such a stream leaves (with these kept tokens); positions
-    handed to the model stay small either way. Returns the tokens skipped. For benchmarks at 1M tokens."""
-    ring = cache.main.ring_size
-    jump = (tokens // ring) * ring
-    for group in cache.groups:
-        if jump % group.ring_size:
-            raise ValueError("fast_forward needs every layer group to share the ring size.")
-        group.seen += jump
-        group.shift = (group.shift or 0) + jump
-    return jump
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -73,15 +58,14 @@ def measure_decode(
         chunk: Prefill chunk size.
         cuda_graphs: Streaming caches: capture steady steps (default: on CUDA).
         stream_for_real: Streaming caches: actually stream at most this many tokens and fast-forward the
-            rest (:func:`fast_forward`); None streams everything.
+            rest (:meth:`StreamingCache.fast_forward`); None streams everything.
 
     Returns:
         ``context``, ``ms_per_token`` (mean), ``p50_ms``, ``p99_ms``, ``tokens_per_s``,
         ``prefill_tokens_per_s`` (over what was really streamed), ``streamed``, ``cache_mib``,
         ``peak_gpu_mib`` (None on CPU) and the generated ``tokens``.
     """
-    from ..core.decode import Decoder
-    from ..runtime.generation import prefill
+    from ..core.stepper import Stepper
 
     device = model.device
     if device.type == "cuda":
@@ -95,10 +79,15 @@ def measure_decode(
     sync(device)
     began = time.perf_counter()
     if streaming:
-        logits = prefill(model, cache, ids, chunk)
+        stepper = Stepper(model, cache, cuda_graphs)
+        for piece in ids[0].split(chunk):
+            logits = stepper.prefill(0, piece)
         if real < context:
-            fast_forward(cache, context - real)
-        step = Decoder(model, cache, cuda_graphs)
+            cache.fast_forward(context - real)
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            return stepper.decode({0: int(token)})[0]
+
     else:
         for i in range(0, real, chunk):
             out = model(input_ids=ids[:, i : i + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
@@ -126,5 +115,5 @@ def measure_decode(
         "tokens": tokens,
     }  # fmt: skip
     if streaming:
-        result["graph_replays"] = step.replays
+        result["graph_replays"] = stepper.replays
     return result

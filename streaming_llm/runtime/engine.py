@@ -258,8 +258,8 @@ class Engine:
 
     Args:
         model: A supported causal LM.
-        cache: The cache (its rows are the resident streams). Rows already assigned (a one-row cache)
-            can be adopted with :meth:`open` ``(row=...)``.
+        cache: The cache (its rows are the resident streams). Rows already assigned that hold tokens can be
+            adopted with :meth:`open` ``(row=...)``; empty ones are freed for any stream.
         chunk_size: Prompt tokens fed per step (None: chosen from free memory, see :func:`auto_chunk_size`).
         cuda_graphs: Capture decode steps (default: on CUDA).
         compile: CPU: compile decode steps (see :class:`~streaming_llm.core.stepper.Stepper`).
@@ -291,6 +291,9 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._clock = itertools.count(1)
         self._stopping = False
+        for b in cache.live:  # fresh rows (a one-row cache's row 0) are free for any stream; others wait for open(row=)
+            if cache.row(b).seen_tokens == 0:
+                cache.release(b)
 
     # -- streams ------------------------------------------------------------------------------------------
     def open(

@@ -133,8 +133,9 @@ def private_engine(
     model: PreTrainedModel, cache: StreamingCache, chunk_size: int | None = None, cuda_graphs: bool | None = None
 ) -> tuple[Engine, Stream]:
     """An engine over a one-row ``cache``, and the stream of its row 0 (what single-stream surfaces use)."""
+    fresh = cache.seen_tokens == 0
     engine = Engine(model, cache, chunk_size=chunk_size, cuda_graphs=cuda_graphs)
-    return engine, engine.open("stream", row=0)
+    return engine, engine.open("stream", start_size=cache.start_size) if fresh else engine.open("stream", row=0)
 
 
 def stream_generate(

@@ -213,7 +213,11 @@ class StreamingSession:
         self.engine, self.owns_engine = self._engine_for(engine, pinned, recent_size, capacity, _state)
         sampler = Sampler(sampling or SamplingConfig(), device=model.device, tokenizer=tokenizer)
         if self.owns_engine:
-            self.stream = self.engine.open(name, row=0, sampler=sampler)
+            cache = self.engine.cache
+            if cache.free:  # a fresh one-row cache: the stream takes row 0 with this session's pinned prefix
+                self.stream = self.engine.open(name, start_size=cache.start_size, sampler=sampler)
+            else:  # restored from a state: adopt the row as it is
+                self.stream = self.engine.open(name, row=0, sampler=sampler)
         else:
             self.stream = self.engine.open(name, start_size=pinned, state=_state, sampler=sampler)
         self.cache = CacheView(self.engine, self.stream)
