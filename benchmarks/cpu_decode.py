@@ -35,7 +35,7 @@ def worker(method: str, checkpoints: list[int], decode: int, threads: int) -> li
 
     from streaming_llm import StreamingCache, install
     from streaming_llm.core.compat import cache_kwargs
-    from streaming_llm.core.decode import Decoder
+    from streaming_llm.core.stepper import Stepper
     from streaming_llm.eval.benchmark import cache_bytes, rss_mib
     from streaming_llm.runtime.generation import prefill
     from streaming_llm.runtime.loading import load_model
@@ -50,13 +50,13 @@ def worker(method: str, checkpoints: list[int], decode: int, threads: int) -> li
     if streaming:
         install(model)
         cache = StreamingCache(model.config, start_size=4, recent_size=2000)
-        decoder = Decoder(model, cache, compile=method == "streaming-compiled")
+        decoder = Stepper(model, cache, compile=method == "streaming-compiled")
     else:
         cache = DynamicCache(config=model.config)
 
     def step(token: torch.Tensor) -> torch.Tensor:
         if streaming:
-            return decoder(token).argmax(-1)
+            return decoder.decode({0: int(token)})[0].argmax(-1)
         out = model(input_ids=token.reshape(1, 1), use_cache=True, **cache_kwargs(model, cache))
         return out.logits[0, -1].argmax(-1)
 

@@ -11,7 +11,7 @@ weights), side by side:
 
 Every step is timed on its own (synchronised, the token read back as a text stream does), so p50 and
 p99 include frame-rebase steps. Past ``--stream-limit`` tokens the streaming cache is fast-forwarded
-(``streaming_llm.eval.benchmark.fast_forward``: same kept tokens, same slots, same positions as a real
+(``StreamingCache.fast_forward``: same kept tokens, same slots, same positions as a real
 stream), which is stated in the output. A correctness check runs first: captured and eager decode
 give identical greedy tokens over 512 steps across frame rebases.
 
@@ -33,7 +33,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm import StreamingCache, install  # noqa: E402
-from streaming_llm.core.decode import Decoder  # noqa: E402
+from streaming_llm.core.stepper import Stepper  # noqa: E402
 from streaming_llm.eval.benchmark import measure_decode, percentile, sync  # noqa: E402
 from streaming_llm.eval.shapes import LLAMA3_8B, TINY  # noqa: E402
 from streaming_llm.runtime.generation import prefill  # noqa: E402
@@ -121,14 +121,14 @@ def captured_equals_eager(model, steps: int, start: int, recent: int) -> dict:
         for graphs in (False, True):
             cache = StreamingCache(model.config, start, recent)
             logits = prefill(model, cache, ids, 256)
-            decoder = Decoder(model, cache, cuda_graphs=graphs)
+            decoder = Stepper(model, cache, cuda_graphs=graphs)
             token, tokens, outs, shifts = logits.argmax(-1), [], [], set()
             for i in range(steps):
-                out = decoder(token if forced is None or i == 0 else forced[i])
+                out = decoder.decode({0: int(token if forced is None or i == 0 else forced[i])})[0]
                 outs.append(out.float().clone())
                 token = out.argmax(-1)
                 tokens.append(int(token))
-                shifts.add(cache.main.shift)
+                shifts.add(cache.main.rows[0].shift)
             runs.append((tokens, torch.stack(outs), len(shifts) - 1, decoder.replays))
         (eager_tokens, eager_logits, rebases, _), (graph_tokens, graph_logits, _, replays) = runs
         if mode == "free":

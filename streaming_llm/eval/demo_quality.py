@@ -84,6 +84,7 @@ def generate_batch(
         for row, token in enumerate(picked):
             out[row].append(token)
             logps[row].append(float(raw[row, token]))
+            samplers[row].observe([token])  # fed next: the repetition controls see it
         if step + 1 < tokens:
             step_ids = torch.tensor(picked, device=model.device).reshape(-1, 1)
             logits = model(input_ids=step_ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
