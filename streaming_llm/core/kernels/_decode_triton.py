@@ -22,10 +22,10 @@ an interpreter switched on late (the CPU tests). Reductions are ``tl.reduce`` wi
 private names gets equivalent ones defined here.
 """
 
+# ruff: noqa: SIM108  -- if/else on constexprs picks code at compile time: kept as statements, as Triton reads them
+
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -94,25 +94,33 @@ def decode_split(
         offs = n0 + n
         valid = offs < end
         offs64 = offs.to(tl.int64)
-        k = tl.load(k_base + offs64[:, None] * stride_ks + d[None, :] * stride_kd,
-                    mask=valid[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
-        if WIDEN:  # noqa: SIM108 (a constexpr branch: one compiled variant each)
+        # Masks only along the keys when the head dims are powers of two (constexpr): whole-row
+        # predicates keep the loads vectorised.
+        if D == D_PAD:
+            k_mask = valid[:, None]
+        else:
+            k_mask = valid[:, None] & (d < D)[None, :]
+        k = tl.load(k_base + offs64[:, None] * stride_ks + d[None, :] * stride_kd, mask=k_mask, other=0.0)
+        if WIDEN:
             x = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             x = tl.dot(q, tl.trans(k))
         x = x * scaling
         if SOFTCAP:  # softcap * tanh(x / softcap), tanh from exp(-2|y|): no overflow, odd by construction
             y = x / softcap
-            t = tl.exp2((-2.0 * LOG2E) * tl.abs(y))
+            t = tl.exp2(tl.abs(y) * -2.8853900817779268)  # exp(-2|y|) = 2^(-2 log2(e) |y|)
             th = (1.0 - t) / (1.0 + t)
             x = softcap * tl.where(y >= 0, th, -th)
-        x = tl.where(valid[None, :], x * LOG2E, float("-inf"))  # base-2 logits; every tile has a valid key
+        x = tl.where(valid[None, :], x * 1.4426950408889634, float("-inf"))  # base 2 (x log2 e); a tile has a valid key
         m_new = tl.maximum(m_i, tl.reduce(x, 1, _MAX))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(x - m_new[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
-        v = tl.load(v_base + offs64[:, None] * stride_vs + dv[None, :] * stride_vd,
-                    mask=valid[:, None] & (dv < DV)[None, :], other=0.0)  # fmt: skip
+        if DV == DV_PAD:
+            v_mask = valid[:, None]
+        else:
+            v_mask = valid[:, None] & (dv < DV)[None, :]
+        v = tl.load(v_base + offs64[:, None] * stride_vs + dv[None, :] * stride_vd, mask=v_mask, other=0.0)
         if WIDEN:  # p rounded to the value dtype as below (a no-op for float32)
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
