@@ -176,6 +176,8 @@ def check(case: Case) -> float:
 
 
 def run_main(cases: list[tuple[int, int, str]], device, dtype, bandwidth: float, has_triton: bool) -> list[dict]:
+    """Every variant on every case. A triton failure (e.g. a compile error on this Triton) is printed and recorded,
+    and the sdpa variants still run."""
     rows = []
     for n, window, mode in cases:
         case = Case(n, window, mode, device, dtype, min_bytes=MIN_BYTES)
@@ -183,12 +185,20 @@ def run_main(cases: list[tuple[int, int, str]], device, dtype, bandwidth: float,
         row = dict(n=n, window=window, slots=case.slots, mode=mode, layers=case.layers, kv_bytes=case.bytes,
                    mean_len=sum(case.lengths) / n, uniform_len=case.uniform)  # fmt: skip
         variants = (["triton"] if has_triton else []) + ["sdpa_mask", "sdpa_dense"]
-        for variant in variants:
-            seconds = time_calls(case.calls(variant), est, device)
+        for variant in list(variants):
+            try:
+                seconds = time_calls(case.calls(variant), est, device)
+            except Exception as exc:
+                row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"
+                print(f"{case.label()}: {variant} failed: {row[f'{variant}_error'][:2000]}", flush=True)
+                variants.remove(variant)
+                if variant == "triton":
+                    has_triton = False
+                continue
             row[f"{variant}_us"] = 1e6 * seconds
             row[f"{variant}_gb_s"] = case.bytes / seconds / 1e9
             row[f"{variant}_of_copy"] = case.bytes / seconds / bandwidth
-        if has_triton:
+        if "triton" in variants:
             row["splits"] = decode.choose_splits(n, KV_HEADS, case.slots, device, DEFAULT_CONFIG)
             row["max_abs_diff_vs_sdpa"] = check(case)
             row["triton_vs_sdpa_mask"] = row["sdpa_mask_us"] / row["triton_us"]
@@ -197,7 +207,7 @@ def run_main(cases: list[tuple[int, int, str]], device, dtype, bandwidth: float,
         line = f"{case.label():>22} | " + " | ".join(
             f"{v} {row[f'{v}_us']:8.1f} us {row[f'{v}_gb_s']:6.0f} GB/s" for v in variants
         )
-        if has_triton:
+        if "triton" in variants:
             line += f" | x{row['triton_vs_sdpa_mask']:.2f} vs mask, diff {row['max_abs_diff_vs_sdpa']:.1e}"
         print(line, flush=True)
         del case
@@ -299,8 +309,9 @@ def plot(rows: list[dict], bandwidth: float, path: Path, title: str) -> None:
     for ax, (window, mode) in zip(axes[0], shapes, strict=True):
         mine = [r for r in rows if r["window"] == window and r["mode"] == mode]
         for variant, style in (("triton", "o-"), ("sdpa_mask", "s--"), ("sdpa_dense", "^:")):
-            if f"{variant}_gb_s" in mine[0]:
-                ax.plot([r["n"] for r in mine], [r[f"{variant}_gb_s"] for r in mine], style, label=variant)
+            points = [(r["n"], r[f"{variant}_gb_s"]) for r in mine if f"{variant}_gb_s" in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=variant)
         ax.axhline(bandwidth / 1e9, color="grey", lw=0.8, label="copy bandwidth")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rows")
@@ -341,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = list(itertools.product(args.rows, args.windows, args.modes))
     rows = run_main(cases, device, dtype, bandwidth, has_triton)
     tuning = None
-    if args.tune and has_triton:
+    if args.tune and any("triton_us" in r for r in rows):
         raw = run_tune(tune_cases, device, dtype)
         tuning = dict(grid=TUNE_GRID, results=raw, **summarise_tune(raw))
     try:

@@ -33,19 +33,20 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16
 
 
 def reference(query, keys, values, lo, hi, scaling, softcap=None):
-    """Float64, row by row: head ``h`` scores kv head ``h // groups`` over slots ``lo[b] .. hi[b] - 1``."""
+    """Float64 (on the inputs' device), row by row: head ``h`` scores kv head ``h // groups`` over slots
+    ``lo[b] .. hi[b] - 1``; returned on the CPU."""
     rows, heads = query.shape[:2]
     groups = heads // keys.shape[1]
     out = torch.empty(rows, heads, 1, values.shape[-1], dtype=torch.float64)
     for b in range(rows):
         first, last = int(lo[b]), int(hi[b])
-        q = query[b, :, 0].double().cpu()  # (H, D)
-        k = keys[b, :, first:last].double().cpu().repeat_interleave(groups, dim=0)  # (H, L, D)
-        v = values[b, :, first:last].double().cpu().repeat_interleave(groups, dim=0)  # (H, L, Dv)
+        q = query[b, :, 0].double()  # (H, D)
+        k = keys[b, :, first:last].double().repeat_interleave(groups, dim=0)  # (H, L, D)
+        v = values[b, :, first:last].double().repeat_interleave(groups, dim=0)  # (H, L, Dv)
         logits = torch.einsum("hd,hld->hl", q, k) * scaling
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        out[b, :, 0] = torch.einsum("hl,hld->hd", logits.softmax(dim=-1), v)
+        out[b, :, 0] = torch.einsum("hl,hld->hd", logits.softmax(dim=-1), v).cpu()
     return out
 
 

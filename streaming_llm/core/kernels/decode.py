@@ -109,7 +109,9 @@ def decode_attention(
     Args:
         query: ``(n, Hq, 1, D)`` float16/bfloat16/float32, one query token per row; any strides.
         keys: ``(n, Hkv, S, D)`` in ``query``'s dtype, e.g. ``buffer[:n]`` of a larger buffer (no
-            contiguity assumed). ``Hq % Hkv == 0``; head ``h`` uses kv head ``h // (Hq // Hkv)``.
+            contiguity assumed). ``Hq % Hkv == 0``; head ``h`` uses kv head ``h // (Hq // Hkv)``. The
+            triton path never reads slots outside the ranges; ``sdpa`` and ``explicit`` read every slot and
+            need them finite (a NaN there, e.g. from ``torch.empty``, turns the row's output into NaN).
         values: ``(n, Hkv, S, Dv)`` in ``query``'s dtype.
         lo: ``(n,)`` int32/int64 on ``query``'s device: first slot of each row's range.
         hi: ``(n,)`` int32/int64 on ``query``'s device: one past the last slot. The contract is
