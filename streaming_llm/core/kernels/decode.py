@@ -4,7 +4,7 @@ A batched decode step of the slot cache holds ``N`` independent streams (rows) i
 ``(rows, kv_heads, slots, head_dim)``. Row ``b`` feeds one token, whose query heads attend to the keys in
 slots ``[lo[b], hi[b])`` of that row (its pinned prefix and its ring of recent tokens lie there side by side;
 slots outside the range are garbage). :func:`decode_attention` computes exactly that, on one of the paths
-in :data:`PATHS` (picked by :data:`DEFAULT_PATH` for the device and soft-capping, or forced):
+in :data:`PATHS` (picked by :func:`default_path` for the device and soft-capping, or forced):
 
 - ``"triton"``: flash-decoding (CUDA, or Triton's CPU interpreter with ``TRITON_INTERPRET=1``). Each row's
   range is cut into ``splits`` chunks of whole ``BLOCK_N`` tiles over a grid ``(rows, kv_heads, splits)``;
@@ -20,7 +20,7 @@ in :data:`PATHS` (picked by :data:`DEFAULT_PATH` for the device and soft-capping
   statement of the semantics and the CPU path for Gemma 2.
 
 Softmax is in float32 on every path. For bf16/fp16 the triton path rounds the probabilities to the
-value dtype before the ``p @ V`` product, as fused attention kernels do (relative error ~2^-9 for bf16).
+value dtype before the ``p @ V`` product, as fused attention kernels do (relative error <= 2^-8 for bf16).
 """
 
 from __future__ import annotations
@@ -269,8 +269,8 @@ def sm_count(device: torch.device) -> int:
 
 
 def choose_splits(rows: int, kv_heads: int, slots: int, device: torch.device, config: TritonConfig) -> int:
-    """Chunks per row: enough that ``rows * kv_heads * splits`` reaches ``programs_per_sm`` x the SMs,
-    at most one tile per chunk of the whole buffer and at most ``max_splits``. Shapes only."""
+    """Chunks per row: enough that ``rows * kv_heads * splits`` reaches ``programs_per_sm`` x the SMs, but no
+    more than the buffer has tiles and at most ``max_splits``. Depends on shapes and the device only."""
     if config.splits is not None:
         return max(1, config.splits)
     target = math.ceil(config.programs_per_sm * sm_count(device))
