@@ -144,8 +144,8 @@ def decode_split(
 def decode_reduce(
     LO, HI, OUT, PART_O, PART_L,
     stride_ob, stride_oh, stride_od, stride_lo, stride_hi,
-    slots, splits, heads,
-    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    slots, splits, heads, block_n,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):  # fmt: skip
     """One (row, query head): merge the partials of the chunks :func:`decode_split` used, in float32."""
     b = tl.program_id(0)
@@ -154,7 +154,7 @@ def decode_reduce(
     lo = tl.maximum(tl.load(LO + b64 * stride_lo).to(tl.int32), 0)
     hi = tl.minimum(tl.load(HI + b64 * stride_hi).to(tl.int32), slots)
     length = tl.maximum(hi - lo, 0)
-    per = ((length + splits - 1) // splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    per = ((length + splits - 1) // splits + block_n - 1) // block_n * block_n  # as in decode_split
     sp = tl.arange(0, SPLITS_PAD)
     used = (sp < splits) & (sp * per < length)  # the same test as decode_split's start < end
     dv = tl.arange(0, DV_PAD)

@@ -323,7 +323,7 @@ def _triton(
         kernels.decode_reduce[(rows, heads)](
             lo, hi, out, part_o, part_l,
             out.stride(0), out.stride(1), out.stride(3), lo.stride(0), hi.stride(0),
-            slots, splits, heads,
-            DV=dim_v, DV_PAD=_pad(dim_v), SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()), BLOCK_N=config.block_n,
+            slots, splits, heads, config.block_n,
+            DV=dim_v, DV_PAD=_pad(dim_v), SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()),
             num_warps=1 if splits * _pad(dim_v) <= 2048 else 4,
         )  # fmt: skip
