@@ -20,8 +20,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # e.g. the GPU machine without a package index: the fixed cases still run
+    given = None
 
 from streaming_llm.core.kernels import decode
 from streaming_llm.core.kernels.decode import TritonConfig, check_decode_inputs, check_ranges, decode_attention
@@ -202,31 +206,37 @@ def test_int32_bounds_and_out(path):
     assert_matches(out, reference(**inputs), inputs["values"], inputs["lo"], inputs["hi"], torch.bfloat16)
 
 
-cases = st.fixed_dictionaries(
-    dict(
-        seed=st.integers(0, 2**16),
-        rows=st.integers(1, 6),
-        kv_heads=st.integers(1, 3),
-        groups=st.sampled_from([1, 2, 3, 4, 8]),
-        slots=st.integers(1, 1500),
-        dim=st.sampled_from([16, 64, 80, 128]),
-        dim_v=st.sampled_from([16, 64, 128]),
-        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-        ranges=st.sampled_from(["mixed", "random", "last", "boundary"]),
+if given is not None:
+    cases = st.fixed_dictionaries(
+        dict(
+            seed=st.integers(0, 2**16),
+            rows=st.integers(1, 6),
+            kv_heads=st.integers(1, 3),
+            groups=st.sampled_from([1, 2, 3, 4, 8]),
+            slots=st.integers(1, 1500),
+            dim=st.sampled_from([16, 64, 80, 128]),
+            dim_v=st.sampled_from([16, 64, 128]),
+            dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+            ranges=st.sampled_from(["mixed", "random", "last", "boundary"]),
+        )
     )
-)
 
+    @pytest.mark.parametrize("path", decode.PATHS)
+    @given(case=cases, softcap=st.sampled_from([None, 5.0]), splits=st.sampled_from([None, 1, 3]))
+    @settings(max_examples=30, deadline=None)
+    def test_random_shapes(request, path, case, softcap, splits):
+        if path == "triton":
+            request.getfixturevalue("triton_mode")
+        if path == "sdpa":
+            softcap = None
+        config = TritonConfig(splits=splits) if path == "triton" else None
+        check(path, make_case(**case), softcap, config)
 
-@pytest.mark.parametrize("path", decode.PATHS)
-@given(case=cases, softcap=st.sampled_from([None, 5.0]), splits=st.sampled_from([None, 1, 3]))
-@settings(max_examples=30, deadline=None)
-def test_random_shapes(request, path, case, softcap, splits):
-    if path == "triton":
-        request.getfixturevalue("triton_mode")
-    if path == "sdpa":
-        softcap = None
-    config = TritonConfig(splits=splits) if path == "triton" else None
-    check(path, make_case(**case), softcap, config)
+else:
+
+    @pytest.mark.skip(reason="NOT RUN: hypothesis is not installed (random shapes)")
+    def test_random_shapes():
+        pass
 
 
 def test_default_path_and_env(monkeypatch):
