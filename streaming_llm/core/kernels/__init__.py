@@ -1,4 +1,8 @@
-"""Attention kernels for streaming ingestion (see :mod:`streaming_llm.core.kernels.banded`).
+"""Attention kernels: streaming ingestion (:mod:`.banded`) and batched decode with per-row bounds (:mod:`.decode`).
+
+:func:`decode_attention` computes one query token per row over that row's slots ``[lo[b], hi[b])`` of a
+``(rows, kv_heads, slots, dim)`` buffer (the slot cache's batched decode step); on CUDA a Triton
+flash-decoding kernel that reads only the keys in range and can be captured in a CUDA graph.
 
 :func:`banded_attention` computes, exactly, the attention of a chunk that crosses the eviction point:
 pinned keys (sinks, segment) scored with the turned-back queries, plus each query's sliding window.
@@ -16,5 +20,14 @@ it replaces the body of ``attention._banded``::
 """
 
 from .banded import DEFAULT_PATH, PATHS, QUERY_BLOCK, banded_attention
+from .decode import TritonConfig, check_decode_inputs, decode_attention
 
-__all__ = ["DEFAULT_PATH", "PATHS", "QUERY_BLOCK", "banded_attention"]
+__all__ = [
+    "DEFAULT_PATH",
+    "PATHS",
+    "QUERY_BLOCK",
+    "TritonConfig",
+    "banded_attention",
+    "check_decode_inputs",
+    "decode_attention",
+]
