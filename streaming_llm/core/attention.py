@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .architectures import bind_model
 from .cache import ATTN_IMPLEMENTATION, ChunkPlan, DecodePlan, StreamingCache, StreamingStep
-from .kernels import banded_attention
+from .kernels import banded_attention, decode_attention
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def streaming_attention_forward(
         scaling = query.shape[-1] ** -0.5
     plan = attention_mask.cache.attention_plan(module.layer_idx)
     if isinstance(plan, DecodePlan) and plan.uniform is None:  # one token per row, rows see different slots
-        out = _ranges(query, key, value, plan.lo, plan.hi, scaling, softcap)
+        out = decode_attention(query, key, value, plan.lo, plan.hi, scaling, softcap)
     elif isinstance(plan, ChunkPlan) and plan.mode == "banded":
         out = _banded(query, key, value, plan, scaling, softcap)
     else:  # every query sees every key it is given (bottom-right causal for several queries)
@@ -86,24 +86,6 @@ def _causal(
     if softcap is not None:
         return _eager(query, key, value, mask, scaling, softcap)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
-
-
-def _ranges(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scaling: float,
-    softcap: float | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """One query per row over the slots ``[lo[b], hi[b])`` of that row's buffer (device bounds, no host read).
-    The grouped-query heads are folded into the query length, so keys are never repeated."""
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    slots = torch.arange(key.shape[-2], device=key.device)[None, :]
-    mask = ((slots >= lo[:, None]) & (slots < hi[:, None]))[:, None, None, :]
-    q = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
-    if softcap is not None:
-        out = _eager(q, key, value, mask, scaling, softcap)
-    else:
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, heads, q_len, -1)
 
 
 def _eager(
