@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     ppl = commands.add_parser("ppl", help="dense / window / recompute / streaming perplexity on the same tokens")
     _common(ppl, tokens=65536)
     ppl.add_argument("--methods", default="dense,window,recompute,streaming", help="comma-separated methods")
-    ppl.add_argument("--stride", type=int, default=64, help="recompute scores every N-th token only (default 64)")
+    ppl.add_argument("--stride", type=int, default=64, help="recompute scores every N-th token only")
     ppl.add_argument("--slice", type=int, default=1024, help="tokens per point of the running-perplexity curve")
     ppl.add_argument("--recompute-batch", type=int, default=8, help="windows per forward for recompute")
     ppl.set_defaults(run=run_ppl)
@@ -97,7 +97,7 @@ def _common(parser: argparse.ArgumentParser, tokens: int) -> None:
         help="UTF-8 text file, or a .gz of one (default: the packaged complete works of Shakespeare)",
     )  # fmt: skip
     parser.add_argument("--offset-chars", type=int, default=0, help="start this many characters into the text")
-    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens to evaluate (0 = all; default {tokens})")
+    parser.add_argument("--tokens", type=int, default=tokens, help="tokens to evaluate (0 = all)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward when streaming")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
     parser.add_argument("--no-progress", action="store_true")

@@ -15,9 +15,14 @@ token at a time. Sessions:
   completes; sessions beyond ``max_sessions`` leave memory least recently used first and come back
   from disk on demand; after a crash every session continues from its last saved turn.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(``"stream": true`` for server-sent events), ``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``.
-Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /v1/config``,
+``POST /v1/chat/completions``, ``POST /v1/completions`` (``"stream": true`` for server-sent events),
+``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``. Errors always have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``; a request naming a model that is neither the served
+name nor an alias gets OpenAI's 404 ``model_not_found``. Sampling fields a request leaves out take the
+operator's defaults (``sampling``; the CLI's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05,
+repetition penalty 1.1 over 64 tokens), shown by ``GET /v1/config``. Every request is logged in one line
+(:mod:`~streaming_llm.serving.access_log`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -45,9 +51,11 @@ from ..core.attention import install
 from ..core.cache import StreamingCache
 from ..core.slots import BatchedDecoder, SlotCache
 from ..runtime.generation import GenerationChunk, stream_generate
+from ..runtime.sampling import SamplingConfig
 from ..sessions.persistence import SessionFileError
 from ..sessions.session import SessionBrokenError, StreamingSession
-from .config import Limits
+from .access_log import AccessLog
+from .config import Limits, exposure_warning
 from .guard import Guard
 from .jobs import BatchingEngine, Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
@@ -234,16 +242,20 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
                state_dir: str | os.PathLike | None = None, api_key: str | None = None,
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
                "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0,
-               batch_rows: int = 0) -> FastAPI:  # fmt: skip
+               batch_rows: int = 0, sampling: SamplingConfig | None = None,
+               aliases: tuple[str, ...] = ()) -> FastAPI:  # fmt: skip
     """The FastAPI application.
 
     Args:
         model, tokenizer: What to serve (the model is switched to streaming attention).
-        name: Model name reported by ``/v1/models``.
+        name: Model name reported by ``/v1/models``; requests naming another model (not in ``aliases``)
+            get 404 ``model_not_found``, as OpenAI answers. A request without ``model`` is served.
+        aliases: Further model names to answer to (listed by ``/v1/models`` too).
         start_size, recent_size: Cache sizes of every session.
         max_sessions: Sessions kept in memory (more go to ``state_dir``, or are dropped without it).
         state_dir: Folder for durable sessions (None: in memory only).
-        api_key: When set, every request but ``/health`` needs ``Authorization: Bearer <api_key>``.
+        api_key: When set, every request but ``/health`` needs ``Authorization: Bearer <api_key>``. An
+            empty (or whitespace-only) key raises ``ValueError``: it would otherwise open the server silently.
         allowed_origins: Browser origins allowed to call (``*`` for any); requests from other origins get 403.
         allowed_hosts: Accepted ``Host`` header names (DNS-rebinding protection; ``*`` for any).
         limits: Caps (:class:`Limits`).
@@ -251,8 +263,17 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         batch_rows: Continuous batching: up to this many sessions decode together in one forward (their
             caches live as rows of one :class:`~streaming_llm.core.slots.SlotCache` while a request runs).
             0: one forward per session and token.
+        sampling: Sampling of requests that leave sampling fields out (each field the request gives
+            overrides it); default: the CLI's chat defaults (``cli.common.SAMPLING_DEFAULTS``), no seed.
+
+    Raises:
+        ValueError: an empty ``api_key``, or bad sizes.
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: pass a non-empty key, or None to serve without one.")
     limits = limits or Limits()
+    sampling = sampling or default_sampling()
+    names = (name, *(a for a in aliases if a != name))
     server = Server(model, tokenizer, name=name, start_size=start_size, recent_size=recent_size,
                     max_sessions=max_sessions, state_dir=state_dir, limits=limits, batch_rows=batch_rows)  # fmt: skip
 
@@ -265,6 +286,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
     app = FastAPI(title="streaming-llm", description=__doc__, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(Guard, api_key=api_key, origins=tuple(allowed_origins), hosts=tuple(allowed_hosts))
+    app.add_middleware(AccessLog)  # outermost: refused requests are logged too
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, problem: StarletteHTTPException):
@@ -298,6 +320,11 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         return parse_body(bytes(raw), schema)
 
     def check_common(body: Sampling) -> None:
+        if body.model is not None and body.model not in names:
+            raise RequestError(404, f"The model `{body.model}` does not exist or you do not have access to it. "
+                                    f"This server serves {', '.join(map(repr, names))} (GET /v1/models).",
+                               param="model", code="model_not_found")  # fmt: skip
+        body.use_defaults(sampling)
         if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
             raise RequestError(400, f"max_tokens={body.max_tokens} is over this server's cap of {limits.max_tokens} "
                                     "(--max-tokens-cap).", param="max_tokens")  # fmt: skip
@@ -351,8 +378,9 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
             return failure(first)
         if body.stream:
             watcher.cancel()
-            stream = _sse(server, ticket, events, first, body, ident, created, kind)
-            return StreamingResponse(stream, media_type="text/event-stream")
+            stream = _sse(server, ticket, events, first, body, ident, created, kind, request.state)
+            headers = {"X-Session-Id": lane} if kind == "chat" else None
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             pieces, final = [first] if isinstance(first, GenerationChunk) else [], first
             while not isinstance(final, Done | BaseException):
@@ -364,6 +392,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
             watcher.cancel()
         if isinstance(final, BaseException):
             return failure(final)
+        request.state.usage = final.usage  # for the access log
         text = "".join(p.text for p in pieces)
         choice = {"index": 0, "finish_reason": FINISH[pieces[-1].finish_reason if pieces else None], "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
@@ -382,9 +411,29 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
             health |= {"batched_steps": server.engine.batched_steps, "batched_tokens": server.engine.batched_tokens}
         return health
 
+    def model_card(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "local"}]}
+        return {"object": "list", "data": [model_card(n) for n in names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def one_model(model_id: str):
+        if model_id not in names:
+            return error_response(404, f"The model `{model_id}` does not exist or you do not have access to it.",
+                                  param="model", code="model_not_found")  # fmt: skip
+        return model_card(model_id)
+
+    @app.get("/v1/config")
+    def config():
+        """What a request gets when it leaves fields out, and the server's caps (not an OpenAI endpoint)."""
+        return {
+            "object": "config", "model": name, "aliases": list(names[1:]),
+            "sampling": {k: v for k, v in dataclasses.asdict(sampling).items() if k != "suppress_ids"},
+            "cache": {"start_size": start_size, "recent_size": recent_size},
+            "limits": dataclasses.asdict(limits),
+        }  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -426,6 +475,13 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
     return app
 
 
+def default_sampling() -> SamplingConfig:
+    """The sampling of requests that give no sampling fields, unless the operator chose others: the CLI's."""
+    from ..cli.common import SAMPLING_DEFAULTS
+
+    return SamplingConfig(**SAMPLING_DEFAULTS)
+
+
 def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, RequestError):
         return error_response(item.status, item.message, item.kind, item.param, item.code)
@@ -451,8 +507,11 @@ async def _watch_disconnect(request: Request, ticket) -> None:
             await asyncio.sleep(0.05)
 
 
-async def _sse(server: Server, ticket, events, first, body: Sampling, ident: str, created: int, kind: str):
-    """Server-sent events from the engine's events; the job is cancelled if the client goes away."""
+async def _sse(server: Server, ticket, events, first, body: Sampling, ident: str, created: int, kind: str,
+               state=None):  # fmt: skip
+    """Server-sent events from the engine's events; the job is cancelled if the client goes away.
+
+    ``state`` (the request's) receives ``usage`` at the end, for the access log."""
 
     def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         choices = []
@@ -476,6 +535,8 @@ async def _sse(server: Server, ticket, events, first, body: Sampling, ident: str
                 yield f"data: {json.dumps({'error': problem})}\n\n"
                 return
             if isinstance(item, Done):
+                if state is not None:
+                    state.usage = item.usage
                 if body.stream_options and body.stream_options.include_usage:
                     usage = {**item.usage, "total_tokens": sum(item.usage.values())}
                     yield event(None, usage=usage)
@@ -492,15 +553,23 @@ async def _sse(server: Server, ticket, events, first, body: Sampling, ident: str
 
 def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Run the server with the ``serve`` flags until SIGINT/SIGTERM."""
+    import sys
+
     import uvicorn
+
+    from ..cli.common import sampling_config
+    from .access_log import configure
 
     if not math.isfinite(args.request_timeout) or args.request_timeout <= 0:
         raise SystemExit("error: --request-timeout must be a positive number of seconds")
     hosts = {"127.0.0.1", "localhost", "::1", args.host}
     hosts.update(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
     if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
-        logging.getLogger(__name__).warning("bound to all addresses: only loopback Host names are accepted "
-                                            "unless --allowed-hosts names the others")  # fmt: skip
+        log.warning("bound to all addresses: only loopback Host names are accepted unless --allowed-hosts names "
+                    "the others")  # fmt: skip
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     request_timeout=args.request_timeout)  # fmt: skip
@@ -509,8 +578,9 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
         max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout,
-        batch_rows=args.batch_rows,
+        batch_rows=args.batch_rows, sampling=sampling_config(args), aliases=tuple(args.model_alias),
     )  # fmt: skip
+    configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level="warning")  # fmt: skip
     print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
