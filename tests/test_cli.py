@@ -120,9 +120,11 @@ def test_ingest_then_questions(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ingested" in result.stderr
     bar = re.search(
-        r"ingest: 100%\|[^\r\n]*\| ([\d.]+k)/([\d.]+k) \[[^\]]*B/s, ([\d,]+) tokens, ([\d,]+) tok/s\]", result.stderr
-    )  # a total (the file's size), the tokens fed and the rate in tokens/s
+        r"ingest: 100%\|[^\r\n]*\| ([\d.]+k)/([\d.]+k) \[[^\]]*B/s, ([\d,]+) chars, ([\d,]+) tokens, ([\d,]+) tok/s\]",
+        result.stderr,
+    )  # a total (the file's size), the characters and tokens fed and the rate in tokens/s
     assert bar and bar[1] == bar[2] == f"{document.stat().st_size / 1000:.2f}k", result.stderr  # total: file size
+    assert int(bar[3].replace(",", "")) == len(document.read_text())
     assert "> When is the meeting?" in result.stdout
 
 
