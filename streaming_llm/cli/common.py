@@ -88,9 +88,14 @@ def load(args: argparse.Namespace):
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 token"``, ``"2 tokens"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def status_line(piece: GenerationChunk) -> str:
     return (
-        f"[{piece.generated} tokens | seen {piece.seen_tokens} | in cache {piece.cached_tokens} | "
+        f"[{plural(piece.generated, 'token')} | seen {piece.seen_tokens} | in cache {piece.cached_tokens} | "
         f"evicted {piece.evicted_tokens} | cache {piece.cache_bytes / 2**20:.1f} MiB | "
         f"{piece.tokens_per_second:.1f} tok/s]"
     )
@@ -126,8 +131,8 @@ class Timings:
         decode = self.last - self.first
         rate = f"{(self.generated - 1) / decode:.1f} tok/s" if self.generated > 1 and decode > 0 else "n/a"
         return (
-            f"[prompt: {self.prompt_tokens} tokens, {self.prompt_tokens / max(ttft, 1e-9):.1f} tok/s | "
-            f"generated: {self.generated} tokens, {rate} | time to first token: {ttft:.2f} s]"
+            f"[prompt: {plural(self.prompt_tokens, 'token')}, {self.prompt_tokens / max(ttft, 1e-9):.1f} tok/s | "
+            f"generated: {plural(self.generated, 'token')}, {rate} | time to first token: {ttft:.2f} s]"
         )
 
 
