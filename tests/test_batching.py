@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 from conftest import tiny_llama
-from test_server import WINDOW, Served, chat, tiny_dir  # noqa: F401 (fixture)
+from test_server import GREEDY, WINDOW, Served, chat, tiny_dir  # noqa: F401 (fixture)
 
 from streaming_llm import StreamingSession
 from streaming_llm.runtime.generation import GenerationChunk
@@ -71,7 +71,7 @@ def test_three_interleaved_sessions_batched_equal_the_plain_engine(tokenizer, tm
 
 
 def test_four_concurrent_clients_through_uvicorn_with_batch_rows(tiny_dir):  # noqa: F811
-    served = Served(tiny_dir, "--batch-rows", "4", "--max-sessions", "8")
+    served = Served(tiny_dir, *GREEDY, "--batch-rows", "4", "--max-sessions", "8")
     try:
         results: dict[int, list[str]] = {}
         errors: list[BaseException] = []
