@@ -69,7 +69,7 @@ def run(url: str, sessions: int, turns: int, max_tokens: int, tag: str, system: 
             began, first, count = time.perf_counter(), None, 0
             try:
                 stream = client.chat.completions.create(
-                    model="x", messages=messages, max_tokens=max_tokens, stream=True,
+                    model="streaming-llm", messages=messages, max_tokens=max_tokens, stream=True,
                     stream_options={"include_usage": True}, extra_headers={"X-Session-Id": f"{tag}-{index}"},
                 )  # fmt: skip
                 for chunk in stream:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 
-from test_server import WINDOW, Served, chat, tiny_dir  # noqa: F401 (fixture)
+from test_server import GREEDY, WINDOW, Served, chat
 
 from streaming_llm import StreamingSession, load_model
 
@@ -23,7 +23,7 @@ TURNS = ["Hello! Remember the code word.", "What is the code word?", "Say it onc
 
 
 def test_sixteen_concurrent_sessions_with_system_prompts_equal_each_alone(tiny_dir):
-    server = Served(tiny_dir, "--rows", "8", "--max-sessions", "32", "--max-queue", "64")
+    server = Served(tiny_dir, *GREEDY, "--rows", "8", "--max-sessions", "32", "--max-queue", "64")
     replies: dict[int, list[str]] = {}
     errors: list[BaseException] = []
 

@@ -120,9 +120,11 @@ def test_ingest_then_questions(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ingested" in result.stderr
     bar = re.search(
-        r"ingest: 100%\|[^\r\n]*\| ([\d.]+k)/([\d.]+k) \[[^\]]*B/s, ([\d,]+) tokens, ([\d,]+) tok/s\]", result.stderr
-    )  # a total (the file's size), the tokens fed and the rate in tokens/s
+        r"ingest: 100%\|[^\r\n]*\| ([\d.]+k)/([\d.]+k) \[[^\]]*B/s, ([\d,]+) chars, ([\d,]+) tokens, ([\d,]+) tok/s\]",
+        result.stderr,
+    )  # a total (the file's size), the characters and tokens fed and the rate in tokens/s
     assert bar and bar[1] == bar[2] == f"{document.stat().st_size / 1000:.2f}k", result.stderr  # total: file size
+    assert int(bar[3].replace(",", "")) == len(document.read_text())
     assert "> When is the meeting?" in result.stdout
 
 
@@ -159,3 +161,31 @@ def test_endless_generation_stops_cleanly_on_ctrl_c():
     assert process.returncode == 0, err
     assert "stopped by Ctrl-C" in err
     assert "cache memory: flat" in err
+
+
+def test_every_option_states_its_default_the_same_way():
+    import argparse
+
+    from streaming_llm.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for parser in parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        assert not re.search(r"\(default [^:]", text), parser.prog  # "(default: X)", never "(default X)"
+        assert "default: default" not in text
+
+
+def test_a_one_token_demo_says_what_it_shows_and_claims_no_flat_memory():
+    result = run("demo", "--max-tokens", "1", "--stats-every", "0")
+    assert result.returncode == 0, result.stderr
+    header = result.stderr[result.stderr.index("== streaming-llm demo") :]
+    assert "4 attention sinks + a 256-token window" in header and "prompt: Write a very long story" in header
+    assert "seed 0" in header and "Loading weights" not in result.stderr
+    final = next(line for line in result.stderr.splitlines() if line.startswith("[1 token |"))
+    assert "nothing evicted yet" in final and "flat" not in final

@@ -37,3 +37,19 @@ def test_device_and_dtype_defaults_and_overrides():
     assert pick_device("cpu") == cpu
     with pytest.raises(ValueError, match="Unknown dtype"):
         pick_dtype("int3", cpu)
+
+
+def test_loading_shows_no_weight_loading_bar(tmp_path, capfd):
+    from conftest import tiny_llama
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from streaming_llm.runtime.loading import load_model
+
+    tiny_llama(vocab_size=49152).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(resolve(None)).save_pretrained(tmp_path)
+    capfd.readouterr()
+    model, _ = load_model(str(tmp_path), device="cpu")
+    assert model.config.num_hidden_layers == 2
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards

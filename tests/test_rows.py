@@ -135,7 +135,9 @@ def test_a_spilled_row_comes_back_with_identical_logits(model):
     engine = Engine(model, rows_cache(model, 2), chunk_size=8)
     streams = [engine.open(f"s{i}") for i in range(3)]
     prompts = [stream(30, 20 + i).tolist() for i in range(3)]
-    first = [engine.run_to_end(engine.submit(Request(s, p, 6))).tokens for s, p in zip(streams[:2], prompts, strict=False)]
+    first = [
+        engine.run_to_end(engine.submit(Request(s, p, 6))).tokens for s, p in zip(streams, prompts[:2], strict=False)
+    ]
     assert engine.spills == 0
     busy = engine.submit(Request(streams[1], [7, 8], 40))  # stream 1 decodes ...
     engine.step()

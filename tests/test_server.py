@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,24 +20,16 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import REPO, tiny_llama
+from conftest import REPO
 
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-123"
+MODEL = "streaming-llm"  # the served name (another name is a 404, as with OpenAI)
+# The server samples by default (the chat defaults); these tests compare it with greedy in-process references.
+GREEDY = ("--temperature", "0", "--repetition-penalty", "1")
 SYSTEM = "You are a terse assistant."
 WINDOW = 64
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama over the SmolLM2 vocabulary, saved as a local model directory."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    model = tiny_llama(vocab_size=len(tokenizer))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 class Served:
@@ -49,10 +42,14 @@ class Served:
                    str(self.port), "--recent-size", str(WINDOW), "--device", "cpu", *flags]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # tiny model: one thread is faster
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []  # its output, read as it comes (a full pipe would block the server)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
+                self.reader.join(10)
+                raise RuntimeError(f"server exited: {''.join(self.lines)}")
             try:
                 httpx.get(f"{self.url}/health", timeout=1)
                 return
@@ -74,8 +71,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_dir):
-    server = Served(tiny_dir, "--api-key", KEY, "--allowed-origins", "http://ok.example", "--max-sessions", "4",
-                    "--max-tokens-cap", "4000")  # fmt: skip
+    server = Served(tiny_dir, *GREEDY, "--api-key", KEY, "--allowed-origins", "http://ok.example",
+                    "--max-sessions", "4", "--max-tokens-cap", "4000")  # fmt: skip
     yield server
     server.stop()
 
@@ -83,9 +80,9 @@ def served(tiny_dir):
 def chat(client, messages, session=None, stream=False, max_tokens=8):
     headers = {"X-Session-Id": session} if session else None
     if not stream:
-        return client.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens,
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
                                               extra_headers=headers).choices[0].message.content  # fmt: skip
-    pieces = client.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens, stream=True,
+    pieces = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, stream=True,
                                             extra_headers=headers)  # fmt: skip
     return "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
 
@@ -140,13 +137,13 @@ def test_interleaved_sessions_never_mix(served, tiny_dir):
 def test_history_resend_without_id_continues_and_usage_counts_everything(served, tokenizer):
     client = served.client()
     history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello, who are you?"}]
-    first = client.chat.completions.create(model="x", messages=history, max_tokens=6)
+    first = client.chat.completions.create(model=MODEL, messages=history, max_tokens=6)
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "Go on."}]  # fmt: skip
-    second = client.chat.completions.create(model="x", messages=history, max_tokens=6)
+    second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=6)
     assert second.usage.prompt_tokens < first.usage.prompt_tokens  # continued: only the new message was fed
     # An unknown conversation is rebuilt, and prompt_tokens counts the whole rebuilt history.
-    rebuilt = client.chat.completions.create(model="x", messages=[*history[:-1], {"role": "user", "content": "Hm?"}],
+    rebuilt = client.chat.completions.create(model=MODEL, messages=[*history[:-1], {"role": "user", "content": "Hm?"}],
                                              max_tokens=2, extra_headers={"X-Session-Id": "fresh"})  # fmt: skip
     rendered = tokenizer.apply_chat_template([*history[:3], {"role": "user", "content": "Hm?"}], tokenize=False,
                                              add_generation_prompt=True)  # fmt: skip
@@ -284,7 +281,7 @@ def test_kill_9_restart_continues_with_identical_logits_and_sigterm_saves(tiny_d
     turns = ["First question about streams?", "Second, a longer question about attention sinks?",
              "Third question?", "Fourth and last question?"]  # fmt: skip
     expected, reference_session = reference(tiny_dir, turns[:3])
-    server = Served(tiny_dir, "--api-key", KEY, "--state-dir", str(state), "--max-sessions", "1")
+    server = Served(tiny_dir, *GREEDY, "--api-key", KEY, "--state-dir", str(state), "--max-sessions", "1")
     try:
         client = server.client()
         got = [chat(client, ([{"role": "system", "content": SYSTEM}] if i == 0 else []) +
@@ -303,7 +300,7 @@ def test_kill_9_restart_continues_with_identical_logits_and_sigterm_saves(tiny_d
     durable = max(restored, key=lambda s: s.turns)
     assert durable.turns == 3
     torch.testing.assert_close(durable.last_logits, reference_session.last_logits, atol=1e-5, rtol=0)
-    server = Served(tiny_dir, "--api-key", KEY, "--state-dir", str(state), "--max-sessions", "1")
+    server = Served(tiny_dir, *GREEDY, "--api-key", KEY, "--state-dir", str(state), "--max-sessions", "1")
     try:
         assert not list((state / "sessions").glob("*.tmp"))  # stale temporaries cleaned at start
         fourth = chat(server.client(), [{"role": "user", "content": turns[3]}], session="durable")
@@ -324,3 +321,30 @@ def test_kill_9_restart_continues_with_identical_logits_and_sigterm_saves(tiny_d
         server.stop()
     saved = [StreamingSession.load(f, model, tokenizer) for f in (state / "sessions").glob("*.safetensors")]
     assert max(s.turns for s in saved) == 5  # the interrupted turn was closed and saved
+
+
+def test_serve_flags_reach_the_server_and_every_request_is_logged(tiny_dir):
+    """A real `serve` on all addresses without a key: the loud warning, the sampling and alias flags, the log."""
+    server = Served(tiny_dir, "--host", "0.0.0.0", "--temperature", "0.3", "--seed", "5", "--model-alias",
+                    "gpt-4o-mini", "--log-format", "text")  # fmt: skip
+    try:
+        shown = server.get("/v1/config").json()
+        assert shown["sampling"]["temperature"] == 0.3 and shown["sampling"]["seed"] == 5
+        assert shown["sampling"]["top_k"] == 40  # the flags left out keep the chat defaults
+        client = server.client()
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4, extra_headers={"X-Session-Id": "logged"})  # fmt: skip
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+        time.sleep(0.5)
+    finally:
+        server.stop()
+        server.reader.join(10)
+    output = "".join(server.lines)
+    assert "WARNING: serving on 0.0.0.0 without an API key" in output
+    logged = re.search(r'^\S+Z 127\.0\.0\.1 "POST /v1/chat/completions" 200 session=logged prompt_tokens=(\d+) '
+                       r"completion_tokens=(\d+) latency=[\d.]+s$", output, re.M)  # fmt: skip
+    assert logged, output
+    assert (int(logged[1]), int(logged[2])) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    assert re.search(r'"POST /v1/chat/completions" 404 latency=', output)
+    assert re.search(r'"GET /v1/config" 200 latency=', output)

@@ -23,13 +23,10 @@ def add_model_flags(parser: argparse.ArgumentParser, recent_size: int = 2000) ->
     group.add_argument(
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)"
     )
+    group.add_argument("--start-size", type=int, default=4, help="attention-sink tokens kept forever at the start")
     group.add_argument(
-        "--start-size", type=int, default=4, help="attention-sink tokens kept forever at the start (default 4)"
+        "--recent-size", type=int, default=recent_size, help="most recent tokens kept; older ones are evicted"
     )
-    group.add_argument(
-        "--recent-size", type=int, default=recent_size,
-        help=f"most recent tokens kept; older ones are evicted (default {recent_size})",
-    )  # fmt: skip
 
 
 # Sampling defaults of chat, generate, ingest and demo, chosen by measurement on the embedded model
@@ -40,9 +37,11 @@ SAMPLING_DEFAULTS = dict(
 )  # fmt: skip
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+def add_sampling_flags(parser: argparse.ArgumentParser, stop: bool = True, title: str | None = None) -> None:
+    """The sampling flags, defaulting to :data:`SAMPLING_DEFAULTS` (``stop=False``: without ``--stop``)."""
     d = SAMPLING_DEFAULTS
-    group = parser.add_argument_group("sampling (like llama-cli: sampled by default; --temperature 0 is greedy)")
+    title = title or "sampling (like llama-cli: sampled by default; --temperature 0 is greedy)"
+    group = parser.add_argument_group(title)
     group.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy; higher = more random")
     group.add_argument("--top-k", type=int, default=d["top_k"], help="sample among the k most likely tokens (0 = off)")
     group.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling threshold (1.0 = off)")
@@ -66,7 +65,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         "--dry-allowed-length", type=int, default=d["dry_allowed_length"], help="DRY: repeats this long are free"
     )
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random)")
-    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    if stop:
+        group.add_argument("--stop", action="append", default=[], help="stop string (repeatable) (default: none)")
 
 
 def sampling_config(args: argparse.Namespace, suppress_ids: tuple[int, ...] = ()) -> SamplingConfig:
@@ -88,9 +88,14 @@ def load(args: argparse.Namespace):
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 token"``, ``"2 tokens"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def status_line(piece: GenerationChunk) -> str:
     return (
-        f"[{piece.generated} tokens | seen {piece.seen_tokens} | in cache {piece.cached_tokens} | "
+        f"[{plural(piece.generated, 'token')} | seen {piece.seen_tokens} | in cache {piece.cached_tokens} | "
         f"evicted {piece.evicted_tokens} | cache {piece.cache_bytes / 2**20:.1f} MiB | "
         f"{piece.tokens_per_second:.1f} tok/s]"
     )
@@ -126,8 +131,8 @@ class Timings:
         decode = self.last - self.first
         rate = f"{(self.generated - 1) / decode:.1f} tok/s" if self.generated > 1 and decode > 0 else "n/a"
         return (
-            f"[prompt: {self.prompt_tokens} tokens, {self.prompt_tokens / max(ttft, 1e-9):.1f} tok/s | "
-            f"generated: {self.generated} tokens, {rate} | time to first token: {ttft:.2f} s]"
+            f"[prompt: {plural(self.prompt_tokens, 'token')}, {self.prompt_tokens / max(ttft, 1e-9):.1f} tok/s | "
+            f"generated: {plural(self.generated, 'token')}, {rate} | time to first token: {ttft:.2f} s]"
         )
 
 

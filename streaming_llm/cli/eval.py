@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     ppl = commands.add_parser("ppl", help="dense / window / recompute / streaming perplexity on the same tokens")
     _common(ppl, tokens=65536)
     ppl.add_argument("--methods", default="dense,window,recompute,streaming", help="comma-separated methods")
-    ppl.add_argument("--stride", type=int, default=64, help="recompute scores every N-th token only (default 64)")
+    ppl.add_argument("--stride", type=int, default=64, help="recompute scores every N-th token only")
     ppl.add_argument("--slice", type=int, default=1024, help="tokens per point of the running-perplexity curve")
     ppl.add_argument("--recompute-batch", type=int, default=8, help="windows per forward for recompute")
     ppl.set_defaults(run=run_ppl)
@@ -97,7 +97,7 @@ def _common(parser: argparse.ArgumentParser, tokens: int) -> None:
         help="UTF-8 text file, or a .gz of one (default: the packaged complete works of Shakespeare)",
     )  # fmt: skip
     parser.add_argument("--offset-chars", type=int, default=0, help="start this many characters into the text")
-    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens to evaluate (0 = all; default {tokens})")
+    parser.add_argument("--tokens", type=int, default=tokens, help="tokens to evaluate (0 = all)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward when streaming")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
     parser.add_argument("--no-progress", action="store_true")
@@ -140,6 +140,51 @@ def _meta(args: argparse.Namespace, model, seconds: float, tokens: int) -> dict:
     }  # fmt: skip
 
 
+def work_tokens(command: str, args: argparse.Namespace, n: int, max_positions: int | None = None) -> int:
+    """Tokens ``eval COMMAND`` pushes through the model for ``n`` text tokens (the unit of the up-front estimate).
+
+    ``dense``, ``window``, ``streaming`` and ``stability`` feed each token once; ``recompute`` re-runs a window
+    per scored position (``--stride``); ``sweep`` streams the text once per sink count and twice per cache size
+    the model can hold (``max_positions``).
+    """
+    if command == "ppl":
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        total = sum(n for m in methods if m != "recompute")
+        if "recompute" in methods:
+            window, positions = args.start_size + args.recent_size, list(range(0, n - 1, args.stride))
+            for b in range(0, len(positions), args.recompute_batch):
+                batch = positions[b : b + args.recompute_batch]
+                total += len(batch) * min(window, batch[-1] + 1)
+        return total
+    if command == "sweep":
+        recents = [int(r) for r in args.recents.split(",") if args.start_size + int(r) <= (max_positions or 1 << 30)]
+        return n * (len(args.sinks.split(",")) + 2 * len(recents))
+    return n
+
+
+def announce(args: argparse.Namespace, model, tokens: int) -> None:
+    """Print, before a long run, about how long it will take here: ``tokens`` at a rate measured just now."""
+    import torch
+
+    from ..eval.perplexity import streaming_nll
+
+    chunk = max(2, min(args.chunk_size, 512))
+    ids = torch.randint(0, model.config.vocab_size, (chunk,), generator=torch.Generator().manual_seed(0))
+    streaming_nll(model, ids, args.start_size, args.recent_size, chunk)  # warm-up, not measured
+    began = time.perf_counter()
+    streaming_nll(model, ids, args.start_size, args.recent_size, chunk)
+    rate = chunk / max(time.perf_counter() - began, 1e-9)
+    print(f"[eval {args.eval_command}: about {tokens:,} tokens through the model; about {_duration(tokens / rate)} "
+          f"at {rate:,.0f} tok/s on {model.device} (measured just now on a {chunk}-token chunk)]",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def _write(out: Path, name: str, payload: dict, table: list[dict] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
@@ -157,6 +202,8 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     model, tokenizer = load(args)
     ids = _ids(args, tokenizer)
+    if not args.no_progress:
+        announce(args, model, work_tokens("ppl", args, len(ids)))
     began = time.time()
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     nll = nll_by_method(
@@ -195,6 +242,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     model, tokenizer = load(args)
     ids = _ids(args, tokenizer)
+    if not args.no_progress:
+        announce(args, model, work_tokens("sweep", args, len(ids), model.config.max_position_embeddings))
     began = time.time()
     progress = not args.no_progress
     sink_counts = [int(s) for s in args.sinks.split(",")]
@@ -250,6 +299,8 @@ def run_stability(args: argparse.Namespace) -> int:
 
     model, tokenizer = load(args)
     ids = _ids(args, tokenizer)
+    if not args.no_progress:
+        announce(args, model, work_tokens("stability", args, len(ids)))
     began = time.time()
     rows = stability_run(
         model, ids, args.start_size, args.recent_size, args.window, args.chunk_size, args.state_dir, args.resume,

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import Timings, add_model_flags, add_sampling_flags, load, non_negative_int, sampling_config, status_line
+from .common import (
+    Timings,
+    add_model_flags,
+    add_sampling_flags,
+    load,
+    non_negative_int,
+    plural,
+    sampling_config,
+    status_line,
+)
 from .interrupt import StopRequest
 
 DEMO_PROMPT = (
@@ -43,13 +52,15 @@ def add_parser(subparsers) -> None:
     demo.add_argument("--stats-every", type=int, default=128, help="print cache statistics every N tokens (0 = off)")
     add_model_flags(demo, recent_size=256)
     add_sampling_flags(demo)
-    demo.set_defaults(run=run, raw=False, ignore_eos=True, seed=0)
+    demo.set_defaults(run=run, raw=False, ignore_eos=True, seed=0, demo=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..runtime.generation import eos_ids, stream_generate
 
     model, tokenizer = load(args)
+    if getattr(args, "demo", False):
+        print(demo_header(args), file=sys.stderr, flush=True)
     prompt = args.prompt
     if not args.raw and tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}]
@@ -73,8 +84,30 @@ def run(args: argparse.Namespace) -> int:
                 print("\n[stopped by Ctrl-C]", file=sys.stderr)
                 break
     if piece is not None:
-        flat = "flat" if len(sizes) == 1 else f"{min(sizes) / 2**20:.1f}..{max(sizes) / 2**20:.1f} MiB"
         reason = piece.finish_reason or "interrupted"
-        print(f"\n{status_line(piece)} cache memory: {flat}; finished: {reason}", file=sys.stderr)
+        print(f"\n{status_line(piece)} {memory_line(sizes, piece.evicted_tokens)}; finished: {reason}", file=sys.stderr)
         print(timings.summary(), file=sys.stderr)
     return 0
+
+
+def memory_line(sizes: set[int], evicted: int) -> str:
+    """What the cache's memory did: flat while tokens were evicted (the point), or too short a run to tell."""
+    if len(sizes) > 1:
+        return f"cache memory: {min(sizes) / 2**20:.1f}..{max(sizes) / 2**20:.1f} MiB"
+    if not evicted:
+        return f"cache memory: {next(iter(sizes)) / 2**20:.1f} MiB (nothing evicted yet: the window is not full)"
+    return f"cache memory: flat at {next(iter(sizes)) / 2**20:.1f} MiB while {plural(evicted, 'token')} were evicted"
+
+
+def demo_header(args: argparse.Namespace) -> str:
+    """What the demo shows, before it starts."""
+    length = "endlessly (Ctrl-C stops)" if not args.max_tokens else plural(args.max_tokens, "token")
+    every = f"every {args.stats_every} tokens" if args.stats_every else "at the end"
+    return (
+        f"== streaming-llm demo: a story streamed {length} through a cache of {args.start_size} attention sinks + "
+        f"a {args.recent_size}-token window ==\n"
+        f"prompt: {args.prompt}\n"
+        f"sampling: temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, min-p {args.min_p}, "
+        f"repetition penalty {args.repetition_penalty}, seed {args.seed}. {every.capitalize()} a line shows the "
+        "cache: the tokens in it and its memory stay flat while evicted tokens pile up.\n"
+    )

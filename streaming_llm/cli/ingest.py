@@ -13,10 +13,12 @@ from .interrupt import StopRequest
 def add_parser(subparsers) -> None:
     ingest = subparsers.add_parser(
         "ingest", help="feed a long text file chunk by chunk, then ask questions about it",
-        description="Feed FILE through the streaming cache in chunks (progress bar, bounded memory; the result "
-        "equals feeding it token by token), then answer --question(s), or questions read from stdin. Only "
-        "the sinks and the last --recent-size tokens are remembered (plus a summary with --memory). The progress "
-        "bar shows the bytes read of the file's size, the rate and the time left.",
+        description="Feed FILE (UTF-8 text) through the streaming cache as one user message, in chunks: the model "
+        "sees exactly the tokens of the same text sent as a message, in bounded memory, and chunking equals "
+        "feeding token by token. Then answer --question(s), or questions read from stdin. Only the sinks and the "
+        "last --recent-size tokens are remembered (plus a summary or an index with --memory). The progress bar "
+        "moves with every chunk: bytes of the file, characters and tokens fed, tokens/s and the time left; soon after "
+        "the start a line estimates the whole run on this device.",
     )  # fmt: skip
     ingest.add_argument("file", help="text file to read")
     ingest.add_argument(
@@ -32,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     session = make_session(args, model, tokenizer)
     stats = session.ingest(args.file, chunk_size=args.chunk_size, progress=True)
     print(
-        f"[ingested {stats.tokens:,} tokens in {stats.seconds:.1f} s ({stats.tokens_per_second:.0f} tok/s)]\n"
+        f"[ingested {stats.tokens:,} tokens ({stats.characters:,} characters) in {stats.seconds:.1f} s "
+        f"({stats.tokens_per_second:.0f} tok/s)]\n"
         f"{stats_text(session.stats())}",
         file=sys.stderr,
     )

@@ -6,7 +6,7 @@ import argparse
 import socket
 import sys
 
-from .common import add_model_flags, load
+from .common import add_model_flags, add_sampling_flags, load
 
 
 def add_parser(subparsers) -> None:
@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
 
     add_server_flags(serve)
     add_model_flags(serve)
+    add_sampling_flags(serve, stop=False, title="default sampling (of requests that leave a field out; as chat)")
     serve.set_defaults(run=run)
 
 

@@ -7,6 +7,7 @@ couple of seconds. Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -99,9 +100,24 @@ def load_model(
     directory = resolve(model)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
+    with _quiet_loading():  # transformers' "Loading weights" bar on every start says nothing useful
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
     return loaded.to(target).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' (and huggingface_hub's) progress bars off for the duration, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _fingerprint(path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass
 
@@ -21,14 +22,20 @@ class Limits:
 
 
 # -- command line -----------------------------------------------------------------------------------------------
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOG_FORMATS = ("text", "json")
+
+
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    """The ``serve`` flags (besides the model and cache flags); every help line shows its default."""
+    """The ``serve`` flags (besides the model, cache and sampling flags); every help line shows its default."""
     d = Limits()
     group = parser.add_argument_group("server")
     flags = [
-        ("--host", str, "127.0.0.1", "address to bind; 127.0.0.1 is this machine only"),
+        ("--host", str, "127.0.0.1", "address to bind; 127.0.0.1 is this machine only (any other address without "
+         "--api-key is warned about loudly)"),
         ("--port", int, 8000, "TCP port"),
-        ("--name", str, "streaming-llm", "model name reported by /v1/models"),
+        ("--name", str, "streaming-llm", "model name served (listed by /v1/models); a request naming any other "
+         "model, not an alias, gets 404 model_not_found"),
         ("--rows", _positive, 8, "sessions resident on the device at once, decoded together in one forward (rows of "
          "one cache); more live sessions spill to host memory and come back on demand"),
         ("--pinned-capacity", _positive, 256, "longest system prompt pinned beside the sinks (tokens; a longer one "
@@ -36,8 +43,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--max-sessions", _positive, 16, "sessions kept in memory (rows and host snapshots)"),
         ("--state-dir", str, None, "folder for durable sessions: every turn saved, sessions beyond --max-sessions "
          "spill to disk, all survive restarts"),
-        ("--api-key", str, os.environ.get("STREAMING_LLM_API_KEY"),
-         "require 'Authorization: Bearer KEY'; $STREAMING_LLM_API_KEY sets the default"),
+        ("--api-key", api_key, os.environ.get("STREAMING_LLM_API_KEY"),
+         "require 'Authorization: Bearer KEY' on every endpoint but /health; $STREAMING_LLM_API_KEY sets the "
+         "default; an empty key is an error"),
         ("--allowed-origins", str, "", "comma-separated browser origins allowed"),
         ("--allowed-hosts", str, "", "extra Host names accepted, comma-separated ('*': any)"),
         ("--max-tokens-cap", _positive, d.max_tokens, "largest max_tokens a request may ask for"),
@@ -49,10 +57,50 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--shutdown-timeout", float, 5.0, "seconds to wind down on SIGTERM"),
     ]  # fmt: skip
     for name, kind, default, text in flags:
-        shown = "not set" if default in (None, "") and name != "--api-key" else "%(default)s"
+        shown = "not set" if default in (None, "") else "%(default)s"
         if name == "--api-key":
             shown = "none" if default is None else "set"
         group.add_argument(name, type=kind, default=default, help=f"{text} (default: {shown})")
+    group.add_argument(
+        "--model-alias", action="append", default=[], metavar="NAME",
+        help="another model name to answer to (repeatable), e.g. the name a client is configured with "
+        "(default: none)",
+    )  # fmt: skip
+    group.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text",
+        help="request log on stderr, one line per request (time, method, path, status, session, prompt and "
+        "completion tokens, latency): text or json (JSON lines)",
+    )  # fmt: skip
+
+
+def api_key(text: str) -> str:
+    """argparse type of ``--api-key``: a non-empty key without surrounding whitespace."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            'the API key is empty (an unset variable in --api-key "$KEY", or an empty $STREAMING_LLM_API_KEY?): '
+            "set a non-empty key, or leave out both the flag and the variable to serve without a key"
+        )
+    if text != text.strip():
+        raise argparse.ArgumentTypeError("the API key starts or ends with whitespace, which no client can send")
+    return text
+
+
+def exposure_warning(host: str, key: str | None) -> str | None:
+    """A loud warning when ``host`` reaches beyond this machine and no API key is set (else None)."""
+    if key or _is_loopback(host):
+        return None
+    return (
+        f"WARNING: serving on {host} without an API key: anyone who can reach this address can use the model and "
+        "read or delete every session. Set one with --api-key or $STREAMING_LLM_API_KEY, or bind 127.0.0.1."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip("[]").lower()
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return name == "localhost"
 
 
 def _positive(text: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated, Any, Literal
 
@@ -69,12 +70,16 @@ class StreamOptions(_Strict):
 
 
 class Sampling(_Strict):
+    """The fields both completion endpoints share. Sampling fields left out (None) take the operator's defaults
+    (``streaming-llm serve --temperature ...``; :meth:`config`)."""
+
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 0.0
-    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
-    top_k: Annotated[int, Field(ge=0, le=1_000_000)] = 0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 1.0
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    min_p: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     stop: (
         Annotated[str, Field(min_length=1, max_length=256)]
@@ -92,12 +97,19 @@ class Sampling(_Strict):
             _text(item)
         return value
 
-    def config(self) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              repetition_penalty=self.repetition_penalty, seed=self.seed)  # fmt: skip
+    def config(self, defaults: SamplingConfig | None = None) -> SamplingConfig:
+        """The effective sampling: ``defaults`` (the server's; else greedy :class:`SamplingConfig()`), overridden
+        by every sampling field the request gives."""
+        base = defaults or SamplingConfig()
+        given = {name: getattr(self, name) for name in REQUEST_SAMPLING if getattr(self, name) is not None}
+        return dataclasses.replace(base, **given)
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+# The request fields that override a SamplingConfig field of the same name.
+REQUEST_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
 
 class ChatRequest(Sampling):

@@ -20,9 +20,14 @@ steps of all generating sessions. Sessions:
   completes; sessions beyond ``max_sessions`` leave memory least recently used first and come back
   from disk on demand; after a crash every session continues from its last saved turn.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(``"stream": true`` for server-sent events), ``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``.
-Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /v1/config``,
+``POST /v1/chat/completions``, ``POST /v1/completions`` (``"stream": true`` for server-sent events),
+``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``. Errors always have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``; a request naming a model that is neither the served
+name nor an alias gets OpenAI's 404 ``model_not_found``. Sampling fields a request leaves out take the
+operator's defaults (``sampling``; the CLI's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05,
+repetition penalty 1.1 over 64 tokens), shown by ``GET /v1/config``. Every request is logged in one line
+(:mod:`~streaming_llm.serving.access_log`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -51,10 +57,11 @@ from ..core.attention import install
 from ..core.cache import StreamingCache
 from ..runtime import engine as runtime
 from ..runtime.generation import TextStream, eos_ids
-from ..runtime.sampling import Sampler
+from ..runtime.sampling import Sampler, SamplingConfig
 from ..sessions.persistence import SessionFileError
 from ..sessions.session import SessionBrokenError, StreamingSession
-from .config import Limits
+from .access_log import AccessLog
+from .config import Limits, exposure_warning
 from .guard import Guard
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
 from .store import Live, SessionStore, chain
@@ -85,13 +92,18 @@ class Server:
         rows: Sessions resident on the device at once (rows of the engine's cache); they decode together.
         pinned_capacity: Longest system prompt pinned beside the sinks (tokens; a longer one pins its start).
         max_sessions: Sessions kept in memory in all (rows and host snapshots); more go to ``state_dir``.
+        sampling: Sampling of requests that leave sampling fields out (default: the CLI's chat defaults).
+        aliases: Further model names to answer to.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str, start_size: int,
                  recent_size: int, max_sessions: int, state_dir: str | os.PathLike | None, limits: Limits,
-                 rows: int = 8, pinned_capacity: int = 256):  # fmt: skip
+                 rows: int = 8, pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
+                 aliases: tuple[str, ...] = ()):  # fmt: skip
         install(model)
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.names = (name, *(a for a in aliases if a != name))
+        self.sampling = sampling or default_sampling()
         self.start_size, self.recent_size, self.limits = start_size, recent_size, limits
         self.pinned_capacity = max(start_size, pinned_capacity)
         cache = StreamingCache(model.config, start_size, recent_size, rows=rows, pinned_capacity=self.pinned_capacity,
@@ -203,7 +215,8 @@ class Server:
 
         events: asyncio.Queue = asyncio.Queue()
         request, text = live.session.turn_request(
-            messages, body.max_tokens or min(256, self.limits.max_tokens), body.stops(), sampling=body.config(),
+            messages, body.max_tokens or min(256, self.limits.max_tokens), body.stops(),
+            sampling=body.config(self.sampling),
             deadline=time.monotonic() + self.limits.request_timeout,
             on_event=lambda: loop.call_soon_threadsafe(events.put_nowait, None),
             on_done=lambda r: self._close_turn(live, r, fed, text),
@@ -236,7 +249,7 @@ class Server:
         events: asyncio.Queue = asyncio.Queue()
         request = runtime.Request(
             stream, ids, body.max_tokens or 16, self.stop_ids, on_token=text.on_token,
-            on_finish=lambda r: text.finish(r.finish_reason) or [], sampling=body.config(),
+            on_finish=lambda r: text.finish(r.finish_reason) or [], sampling=body.config(self.sampling),
             deadline=time.monotonic() + self.limits.request_timeout, on_done=lambda r: engine.close(stream),
             on_event=lambda: loop.call_soon_threadsafe(events.put_nowait, None),
         )  # fmt: skip
@@ -258,27 +271,38 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
                state_dir: str | os.PathLike | None = None, api_key: str | None = None,
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
                "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0, rows: int = 8,
-               pinned_capacity: int = 256) -> FastAPI:  # fmt: skip
+               pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
+               aliases: tuple[str, ...] = ()) -> FastAPI:  # fmt: skip
     """The FastAPI application.
 
     Args:
         model, tokenizer: What to serve (the model is switched to streaming attention).
-        name: Model name reported by ``/v1/models``.
+        name: Model name reported by ``/v1/models``; requests naming another model (not in ``aliases``)
+            get 404 ``model_not_found``, as OpenAI answers. A request without ``model`` is served.
+        aliases: Further model names to answer to (listed by ``/v1/models`` too).
         start_size, recent_size: Cache sizes of every session.
         max_sessions: Sessions kept in memory (more go to ``state_dir``, or are dropped without it).
         state_dir: Folder for durable sessions (None: in memory only).
-        api_key: When set, every request but ``/health`` needs ``Authorization: Bearer <api_key>``.
+        api_key: When set, every request but ``/health`` needs ``Authorization: Bearer <api_key>``. An
+            empty (or whitespace-only) key raises ``ValueError``: it would otherwise open the server silently.
         allowed_origins: Browser origins allowed to call (``*`` for any); requests from other origins get 403.
         allowed_hosts: Accepted ``Host`` header names (DNS-rebinding protection; ``*`` for any).
         limits: Caps (:class:`Limits`).
         shutdown_timeout: Seconds to finish or cancel in-flight work at shutdown.
         rows: Sessions resident on the device at once; they decode together in one forward.
         pinned_capacity: Longest system prompt (tokens) pinned beside the sinks.
+        sampling: Sampling of requests that leave sampling fields out (each field the request gives
+            overrides it); default: the CLI's chat defaults (``cli.common.SAMPLING_DEFAULTS``), no seed.
+
+    Raises:
+        ValueError: an empty ``api_key``, or bad sizes.
     """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: pass a non-empty key, or None to serve without one.")
     limits = limits or Limits()
     server = Server(model, tokenizer, name=name, start_size=start_size, recent_size=recent_size,
                     max_sessions=max_sessions, state_dir=state_dir, limits=limits, rows=rows,
-                    pinned_capacity=pinned_capacity)  # fmt: skip
+                    pinned_capacity=pinned_capacity, sampling=sampling, aliases=aliases)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -288,6 +312,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
     app = FastAPI(title="streaming-llm", description=__doc__, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(Guard, api_key=api_key, origins=tuple(allowed_origins), hosts=tuple(allowed_hosts))
+    app.add_middleware(AccessLog)  # outermost: refused requests are logged too
     _add_error_handlers(app)
     _add_generation_routes(app, server)
     _add_session_routes(app, server)
@@ -318,9 +343,30 @@ def _add_generation_routes(app: FastAPI, server: Server) -> None:
     def health():
         return server.health()
 
+    def model_card(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "local"}]}
+        return {"object": "list", "data": [model_card(n) for n in server.names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def one_model(model_id: str):
+        if model_id not in server.names:
+            return error_response(404, f"The model `{model_id}` does not exist or you do not have access to it.",
+                                  param="model", code="model_not_found")  # fmt: skip
+        return model_card(model_id)
+
+    @app.get("/v1/config")
+    def config():
+        """What a request gets when it leaves fields out, and the server's caps (not an OpenAI endpoint)."""
+        return {
+            "object": "config", "model": server.name, "aliases": list(server.names[1:]),
+            "sampling": {k: v for k, v in dataclasses.asdict(server.sampling).items() if k != "suppress_ids"},
+            "cache": {"start_size": server.start_size, "recent_size": server.recent_size,
+                      "rows": server.engine.cache.rows, "pinned_capacity": server.pinned_capacity},
+            "limits": dataclasses.asdict(server.limits),
+        }  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -369,6 +415,10 @@ async def read_body(server: Server, request: Request, schema: type[BaseModel]):
         if len(raw) > limits.max_body_bytes:
             raise RequestError(413, f"The body is over the limit of {limits.max_body_bytes} bytes.")
     body = parse_body(bytes(raw), schema)
+    if body.model is not None and body.model not in server.names:
+        raise RequestError(404, f"The model `{body.model}` does not exist or you do not have access to it. "
+                                f"This server serves {', '.join(map(repr, server.names))} (GET /v1/models).",
+                           param="model", code="model_not_found")  # fmt: skip
     if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
         raise RequestError(400, f"max_tokens={body.max_tokens} is over this server's cap of {limits.max_tokens} "
                                 "(--max-tokens-cap).", param="max_tokens")  # fmt: skip
@@ -431,7 +481,7 @@ async def respond(server: Server, request: Request, schema: type[BaseModel], kin
         return failure(_ending_error(turn.request))
     if body.stream:
         watcher.cancel()
-        stream = _sse(server, turn, first, body, ident, created, kind)
+        stream = _sse(server, turn, first, body, ident, created, kind, request.state)
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     try:
         pieces = [first] if first is not None else []
@@ -442,6 +492,7 @@ async def respond(server: Server, request: Request, schema: type[BaseModel], kin
         watcher.cancel()
     if _ending_error(turn.request) is not None:
         return failure(_ending_error(turn.request))
+    request.state.usage = _usage(server, turn)  # for the access log
     return JSONResponse(_completion_body(server, turn, pieces, ident, created, kind), headers=headers)
 
 
@@ -508,8 +559,10 @@ async def _watch_disconnect(request: Request, engine_request: runtime.Request) -
             await asyncio.sleep(0.05)
 
 
-async def _sse(server: Server, turn: Turn, first, body: Sampling, ident: str, created: int, kind: str):
-    """Server-sent events from the turn's pieces; the request is cancelled if the client goes away."""
+async def _sse(server: Server, turn: Turn, first, body: Sampling, ident: str, created: int, kind: str, state=None):
+    """Server-sent events from the turn's pieces; the request is cancelled if the client goes away.
+
+    ``state`` (the request's) receives ``usage`` at the end, for the access log."""
 
     def event(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
         choices = []
@@ -537,6 +590,8 @@ async def _sse(server: Server, turn: Turn, first, body: Sampling, ident: str, cr
         if problem is not None:
             yield f"data: {json.dumps({'error': json.loads(failure(problem).body)['error']})}\n\n"
             return
+        if state is not None:
+            state.usage = _usage(server, turn)
         if body.stream_options and body.stream_options.include_usage:
             yield event(None, usage=_usage(server, turn))
         yield "data: [DONE]\n\n"
@@ -544,17 +599,32 @@ async def _sse(server: Server, turn: Turn, first, body: Sampling, ident: str, cr
         turn.request.cancel("client disconnected")  # no-op once finished
 
 
+def default_sampling() -> SamplingConfig:
+    """The sampling of requests that give no sampling fields, unless the operator chose others: the CLI's."""
+    from ..cli.common import SAMPLING_DEFAULTS
+
+    return SamplingConfig(**SAMPLING_DEFAULTS)
+
+
 def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Run the server with the ``serve`` flags until SIGINT/SIGTERM."""
+    import sys
+
     import uvicorn
+
+    from ..cli.common import sampling_config
+    from .access_log import configure
 
     if not math.isfinite(args.request_timeout) or args.request_timeout <= 0:
         raise SystemExit("error: --request-timeout must be a positive number of seconds")
     hosts = {"127.0.0.1", "localhost", "::1", args.host}
     hosts.update(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
     if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
-        logging.getLogger(__name__).warning("bound to all addresses: only loopback Host names are accepted "
-                                            "unless --allowed-hosts names the others")  # fmt: skip
+        log.warning("bound to all addresses: only loopback Host names are accepted unless --allowed-hosts names "
+                    "the others")  # fmt: skip
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     request_timeout=args.request_timeout)  # fmt: skip
@@ -563,8 +633,9 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
         max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
-        pinned_capacity=args.pinned_capacity,
+        pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
     )  # fmt: skip
+    configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level="warning")  # fmt: skip
     print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)

@@ -11,14 +11,15 @@ a safetensors file and restored exactly.
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.architectures import describe
@@ -27,7 +28,9 @@ from ..core.cache import CacheState, RowStats, StreamingCache, check_int
 from ..runtime.engine import Engine, Request, Stream, StreamBrokenError, check_max_new_tokens
 from ..runtime.generation import GenerationChunk, TextStream, eos_ids, run_text_request
 from ..runtime.sampling import Sampler, SamplingConfig
+from ..runtime.tokenize import stream_tokens
 from .chat_template import IncrementalChatTemplate
+from .documents import Document, IngestProgress, ProgressBar
 from .memory import HybridMemory
 from .persistence import SessionFileError, read_session_file, write_session_file
 from .retrieval import RetrievalMemory
@@ -63,11 +66,13 @@ class SessionStats:
 
 @dataclass(frozen=True)
 class IngestStats:
-    """What :meth:`StreamingSession.ingest` did."""
+    """What :meth:`StreamingSession.ingest` did: tokens fed (the document with its message markup), seconds,
+    tokens per second, and the document's characters."""
 
     tokens: int
     seconds: float
     tokens_per_second: float
+    characters: int = 0
 
 
 class CacheView:
@@ -446,38 +451,70 @@ class StreamingSession:
         self.turns += 1
         return extra + self._tokens(self.template.assistant_tail(content))
 
-    def ingest(self, source: str | os.PathLike, chunk_size: int | None = None, progress: bool = True) -> IngestStats:
-        """Feed a long document (text, or a path to a text file) as a user message, chunk by chunk.
+    def ingest(
+        self,
+        source: str | os.PathLike,
+        chunk_size: int | None = None,
+        progress: bool | Callable[[IngestProgress], None] = True,
+    ) -> IngestStats:
+        """Feed a long document (text, or a path to a UTF-8 text file) as one user message, chunk by chunk.
 
-        Memory stays bounded (the file is read and tokenized in blocks; the cache is fixed) and the
-        result equals feeding the tokens one by one. Ask about it afterwards with :meth:`chat`.
+        The model sees exactly the tokens of the same text sent as a message (the document is tokenized
+        incrementally, :func:`~streaming_llm.runtime.tokenize.stream_tokens`, never block by block), in
+        bounded memory: the file is read in blocks and the cache is fixed. Chunking gives the same result as
+        feeding token by token. Ask about it afterwards with :meth:`chat`.
+
+        Args:
+            source: The text, or a path (``os.PathLike``, or a string naming an existing file).
+            chunk_size: Tokens per forward (None: chosen from free memory, 512 on CPU).
+            progress: True: a progress bar on stderr (the document's bytes or characters, characters and tokens
+                fed, rate, time left; after half a second, one line estimating the whole run). A callable gets an
+                :class:`~streaming_llm.sessions.documents.IngestProgress` after every fed chunk. False: silent.
+
+        Returns:
+            :class:`IngestStats`: tokens fed (the document with its message markup), seconds, rate, characters.
+
+        Raises:
+            FileNotFoundError: a path that is not a file (before anything is fed).
+            ValueError: a bad ``chunk_size``.
         """
-        import time
-
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 (or None: chosen from free memory), got {chunk_size!r}")
+        document = Document(source)
+        size = chunk_size or self.prefill_chunk or self.engine.chunk_size
         before, after = self.template.split("user")
-        began, fed = time.perf_counter(), 0
-        previous_chunk, self.prefill_chunk = self.prefill_chunk, chunk_size
+        read = [0]  # characters of the document read so far
+
+        def blocks() -> Iterator[str]:
+            for block in document.blocks():
+                read[0] += len(block)
+                yield block
+
+        began, fed, chars, done, markup = time.perf_counter(), 0, 0, 0, len(before)  # markup: left to skip
+        previous_chunk, self.prefill_chunk = self.prefill_chunk, size
+        report = progress if callable(progress) else ProgressBar(document, str(self.model.device)) if progress else None
         try:
-            self.feed(self._tokens(before))
-            # The bar counts bytes of text (the total is known before tokenizing) and shows the tokens fed.
-            is_file = isinstance(source, os.PathLike) or _names_a_file(source)
-            on_disk = is_file and Path(source).is_file()  # a missing file is reported by _text_blocks
-            total = Path(source).stat().st_size if on_disk else len(str(source).encode("utf-8"))
-            with tqdm(total=total, unit="B", unit_scale=True, desc="ingest", disable=not progress) as bar:
-                for block in _text_blocks(source):
-                    ids = self._tokens(block)
-                    self.feed(ids)
-                    fed += len(ids)
-                    rate = fed / max(time.perf_counter() - began, 1e-9)
-                    bar.set_postfix_str(f"{fed:,} tokens, {rate:,.0f} tok/s", refresh=False)
-                    bar.update(len(block.encode("utf-8")))
-            self.feed(self._tokens(after))
+            for piece in stream_tokens(self.tokenizer, itertools.chain([before], blocks(), [after])):
+                body = piece.text[markup:]  # this piece's document text (and, at the very end, the closing markup)
+                markup = max(0, markup - len(piece.text))
+                for start in range(0, len(piece.ids), size):
+                    chunk = piece.ids[start : start + size]
+                    self.feed(chunk)
+                    fed += len(chunk)
+                    if report is not None:
+                        part = body[: len(body) * (start + len(chunk)) // len(piece.ids)]
+                        report(IngestProgress(min(done + document.size(part), document.total), document.total,
+                                              document.unit, min(chars + len(part), read[0]), fed,
+                                              time.perf_counter() - began))  # fmt: skip
+                chars, done = min(chars + len(body), read[0]), min(done + document.size(body), document.total)
+            seconds = time.perf_counter() - began
+            if report is not None:  # all of it (a file's bytes are counted from its decoded text until here)
+                report(IngestProgress(document.total, document.total, document.unit, read[0], fed, seconds))
         finally:
             self.prefill_chunk = previous_chunk
-        seconds = time.perf_counter() - began
-        return IngestStats(fed, seconds, fed / max(seconds, 1e-9))
+            if isinstance(report, ProgressBar):
+                report.close()
+        return IngestStats(fed, seconds, fed / max(seconds, 1e-9), read[0])
 
     def stats(self, recorded: bool = False) -> SessionStats:
         """Where the session stands now; ``recorded=True``: as of its last completed request (a snapshot any
@@ -632,43 +669,3 @@ def _saved_memory(tensors: dict[str, torch.Tensor], saved: dict | None,
     if memory is not None:
         raise ValueError("This session was saved without memory; load it without `memory`.")
     return None
-
-
-def _text_blocks(source: str | os.PathLike, block_chars: int = 1 << 16) -> Iterator[str]:
-    """The text in blocks that end at line breaks (or spaces), so tokenization is not cut mid-word.
-
-    A ``Path`` (or a string naming an existing file) is read lazily; any other string is the text.
-    """
-    if isinstance(source, os.PathLike) and not Path(source).is_file():
-        raise FileNotFoundError(f"No such file: {source}")
-    is_file = isinstance(source, os.PathLike) or _names_a_file(source)
-    pieces = _read_lazily(Path(source), block_chars) if is_file else _slices(str(source), block_chars)
-    carry = ""
-    for piece in pieces:
-        block = carry + piece
-        cut = max(block.rfind("\n"), block.rfind(" ")) + 1 or len(block)
-        carry = block[cut:]
-        if block[:cut]:
-            yield block[:cut]
-    if carry:
-        yield carry
-
-
-def _names_a_file(text: str) -> bool:
-    if "\n" in text or len(text) > 1024:
-        return False
-    try:
-        return Path(text).is_file()
-    except OSError:  # e.g. a sentence too long to be a file name
-        return False
-
-
-def _read_lazily(path: Path, block_chars: int) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        while block := f.read(block_chars):
-            yield block
-
-
-def _slices(text: str, block_chars: int) -> Iterator[str]:
-    for i in range(0, len(text), block_chars):
-        yield text[i : i + block_chars]
