@@ -51,6 +51,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         if name == "--api-key":
             shown = "none" if default is None else "set"
         group.add_argument(name, type=kind, default=default, help=f"{text} (default: {shown})")
+    group.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (default: served)")
 
 
 def _positive(text: str) -> int:

@@ -50,6 +50,7 @@ from ..sessions.session import SessionBrokenError, StreamingSession
 from .config import Limits
 from .guard import Guard
 from .jobs import BatchingEngine, Done, Engine, EngineStopped, Job, JobCancelled, JobTimeout, QueueFull
+from .page import add_web_routes
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
 from .store import Live, SessionStore, chain
 
@@ -234,7 +235,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
                state_dir: str | os.PathLike | None = None, api_key: str | None = None,
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
                "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0,
-               batch_rows: int = 0) -> FastAPI:  # fmt: skip
+               batch_rows: int = 0, web: bool = True) -> FastAPI:  # fmt: skip
     """The FastAPI application.
 
     Args:
@@ -251,6 +252,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         batch_rows: Continuous batching: up to this many sessions decode together in one forward (their
             caches live as rows of one :class:`~streaming_llm.core.slots.SlotCache` while a request runs).
             0: one forward per session and token.
+        web: Serve the chat page at ``GET /`` (:mod:`~streaming_llm.serving.page`).
     """
     limits = limits or Limits()
     server = Server(model, tokenizer, name=name, start_size=start_size, recent_size=recent_size,
@@ -423,6 +425,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
             return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
+    if web:
+        add_web_routes(app)
     return app
 
 
@@ -509,9 +513,10 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
         max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout,
-        batch_rows=args.batch_rows,
+        batch_rows=args.batch_rows, web=not args.no_web,
     )  # fmt: skip
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level="warning")  # fmt: skip
-    print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    page = "" if args.no_web else ", chat page at /"
+    print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1{page})", flush=True)
     uvicorn.Server(config).run()
