@@ -61,6 +61,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         if name == "--api-key":
             shown = "none" if default is None else "set"
         group.add_argument(name, type=kind, default=default, help=f"{text} (default: {shown})")
+    group.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (default: served)")
     group.add_argument(
         "--model-alias", action="append", default=[], metavar="NAME",
         help="another model name to answer to (repeatable), e.g. the name a client is configured with "

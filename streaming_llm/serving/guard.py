@@ -9,6 +9,11 @@ from fastapi.responses import JSONResponse
 from .schemas import error_response
 
 
+def is_open(path: str) -> bool:
+    """Paths served without the API key: the health probe and the chat page with its assets (no secret in them)."""
+    return path in ("/health", "/") or path.startswith("/web/")
+
+
 class Guard:
     """Pure-ASGI checks before any handler: Host (DNS rebinding), Origin (browsers), API key."""
 
@@ -52,11 +57,13 @@ class Guard:
                                   "start the server with --allowed-hosts to accept it.", "invalid_request_error",
                                   code="host_not_allowed")  # fmt: skip
         origin = headers.get("origin")
+        if origin and origin.lower() in (f"http://{host}".lower(), f"https://{host}".lower()):
+            origin = None  # the server's own page (same origin; the Host is already known to be ours)
         if origin and "*" not in self.origins and origin not in self.origins:
             return error_response(403, f"Requests from the browser origin {origin!r} are refused; start the server "
                                   "with --allowed-origins to allow it.", "permission_error",
                                   code="origin_not_allowed")  # fmt: skip
-        if self.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        if self.api_key and not is_open(scope["path"]) and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return error_response(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",

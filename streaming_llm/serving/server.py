@@ -63,6 +63,7 @@ from ..sessions.session import SessionBrokenError, StreamingSession
 from .access_log import AccessLog
 from .config import Limits, exposure_warning
 from .guard import Guard
+from .page import add_web_routes
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
 from .store import Live, SessionStore, chain
 
@@ -272,7 +273,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
                "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0, rows: int = 8,
                pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
-               aliases: tuple[str, ...] = ()) -> FastAPI:  # fmt: skip
+               aliases: tuple[str, ...] = (), web: bool = True) -> FastAPI:  # fmt: skip
     """The FastAPI application.
 
     Args:
@@ -293,6 +294,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         pinned_capacity: Longest system prompt (tokens) pinned beside the sinks.
         sampling: Sampling of requests that leave sampling fields out (each field the request gives
             overrides it); default: the CLI's chat defaults (``cli.common.SAMPLING_DEFAULTS``), no seed.
+        web: Serve the chat page at ``GET /`` (:mod:`~streaming_llm.serving.page`).
 
     Raises:
         ValueError: an empty ``api_key``, or bad sizes.
@@ -316,6 +318,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
     _add_error_handlers(app)
     _add_generation_routes(app, server)
     _add_session_routes(app, server)
+    if web:
+        add_web_routes(app)
     return app
 
 
@@ -634,9 +638,11 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
         pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
+        web=not args.no_web,
     )  # fmt: skip
     configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level="warning")  # fmt: skip
-    print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    page = "" if args.no_web else ", chat page at /"
+    print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1{page})", flush=True)
     uvicorn.Server(config).run()
