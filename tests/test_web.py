@@ -10,7 +10,6 @@ browser, its driver or selenium the browser tests are skipped with a reason that
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
@@ -79,17 +78,14 @@ def test_no_web_turns_the_page_off(monkeypatch, model, tokenizer):
     import uvicorn
     from fastapi.testclient import TestClient
 
-    from streaming_llm.cli.common import add_model_flags
-    from streaming_llm.serving.config import add_server_flags
+    from streaming_llm.cli import build_parser
     from streaming_llm.serving.server import serve
 
-    parser = argparse.ArgumentParser()
-    add_server_flags(parser)
-    add_model_flags(parser)
+    parser = build_parser()
     apps = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))
     for flags in ([], ["--no-web"]):
-        serve(parser.parse_args(["--recent-size", "16", *flags]), model, tokenizer)
+        serve(parser.parse_args(["serve", "--recent-size", "16", *flags]), model, tokenizer)
     statuses = []
     for app in apps:
         with TestClient(app, base_url="http://127.0.0.1") as client:
