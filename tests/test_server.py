@@ -19,24 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import REPO, tiny_llama
+from conftest import REPO
 
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-123"
 SYSTEM = "You are a terse assistant."
 WINDOW = 64
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama over the SmolLM2 vocabulary, saved as a local model directory."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    model = tiny_llama(vocab_size=len(tokenizer))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 class Served:

@@ -18,6 +18,7 @@ class Limits:
     max_queue: int = 64  # requests running or waiting (more: 429)
     request_timeout: float = 600.0  # seconds one request may run
     max_session_id: int = 256  # characters
+    max_session_bytes: int = 1 << 32  # an imported session file (PUT /v1/sessions/{id})
 
 
 # -- command line -----------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ token at a time. Sessions:
   from disk on demand; after a crash every session continues from its last saved turn.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(``"stream": true`` for server-sent events), ``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``.
+(``"stream": true`` for server-sent events), ``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``,
+``GET /v1/sessions/{id}/export`` (the session file) and ``PUT /v1/sessions/{id}`` (import one, checked
+as on load), so that a session can move between servers.
 Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -36,7 +39,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -352,7 +355,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         if body.stream:
             watcher.cancel()
             stream = _sse(server, ticket, events, first, body, ident, created, kind)
-            return StreamingResponse(stream, media_type="text/event-stream")
+            headers = {"X-Session-Id": lane} if lane else None
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             pieces, final = [first] if isinstance(first, GenerationChunk) else [], first
             while not isinstance(final, Done | BaseException):
@@ -398,19 +402,12 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
     def list_sessions():
         return {"object": "list", "data": [d for i in server.store.ids() if (d := server.store.describe(i))]}
 
-    @app.get("/v1/sessions/{session_id}")
-    def get_session(session_id: str):
-        described = server.store.describe(session_id)
-        if described is None:
-            return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
-        return described
-
-    @app.delete("/v1/sessions/{session_id}")
-    async def delete_session(request: Request, session_id: str):
-        found: list[bool] = []
+    async def on_worker(session_id: str, fn) -> list | JSONResponse:
+        """Run ``fn()`` on the engine's worker, in the session's lane: ``[result]``, or the error response."""
+        result: list = []
 
         def work():
-            found.append(server.store.delete(session_id))
+            result.append(fn())
             yield Done({}, session_id)
 
         ticket = await submit(session_id, work)
@@ -419,8 +416,57 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         async for item in ticket.events():
             if isinstance(item, BaseException):
                 return failure(item)
-        if not found[0]:
-            return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
+        return result
+
+    def no_session(session_id: str) -> JSONResponse:
+        return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
+
+    # `:path` so that ids with a slash work; the export route is matched first.
+    @app.get("/v1/sessions/{session_id:path}/export")
+    async def export_session(session_id: str):
+        done = await on_worker(session_id, lambda: server.store.export(session_id))
+        if isinstance(done, JSONResponse):
+            return done
+        if done[0] is None:
+            return no_session(session_id)
+        name = f"session-{hashlib.sha256(session_id.encode()).hexdigest()[:16]}.safetensors"
+        headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+        return Response(done[0], media_type="application/octet-stream", headers=headers)
+
+    @app.put("/v1/sessions/{session_id:path}")
+    async def import_session(request: Request, session_id: str):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/octet-stream":
+            return error_response(415, "Send the session file as 'Content-Type: application/octet-stream' "
+                                       f"(got {kind!r}).")  # fmt: skip
+        if not 0 < len(session_id) <= limits.max_session_id:
+            return error_response(400, f"A session id must have 1 to {limits.max_session_id} characters.")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_session_bytes:
+            limit = limits.max_session_bytes
+            return error_response(413, f"The session file is {declared} bytes; the limit is {limit}.")
+        data = bytearray()
+        async for block in request.stream():
+            data += block
+            if len(data) > limits.max_session_bytes:
+                return error_response(413, f"The session file is over the limit of {limits.max_session_bytes} bytes.")
+        done = await on_worker(session_id, lambda: server.store.import_(session_id, bytes(data)))
+        if isinstance(done, JSONResponse):
+            return done
+        return server.store.describe(session_id)
+
+    @app.get("/v1/sessions/{session_id:path}")
+    def get_session(session_id: str):
+        described = server.store.describe(session_id)
+        return no_session(session_id) if described is None else described
+
+    @app.delete("/v1/sessions/{session_id:path}")
+    async def delete_session(session_id: str):
+        done = await on_worker(session_id, lambda: server.store.delete(session_id))
+        if isinstance(done, JSONResponse):
+            return done
+        if not done[0]:
+            return no_session(session_id)
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     return app
@@ -429,6 +475,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
 def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, RequestError):
         return error_response(item.status, item.message, item.kind, item.param, item.code)
+    if isinstance(item, SessionFileError):
+        return error_response(400, str(item), code="invalid_session_file")
     if isinstance(item, JobTimeout):
         return error_response(504, str(item), "timeout_error", code="timeout")
     if isinstance(item, JobCancelled):
