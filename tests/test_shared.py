@@ -125,7 +125,7 @@ def test_delete_anonymous_and_live_count(tiny_dir, tmp_path):
 
     first, second, live_a, live_b = run(tiny_dir, tmp_path, scenario)
     assert [first, second] == reference(tiny_dir, TURNS[:2])[0]
-    assert (live_a, live_b) == (2, 2)  # a: gone + the anonymous one; b: gone + the anonymous one
+    assert (live_a, live_b) == (1, 1)  # the anonymous session on each; 'gone' is gone from both
 
 
 def test_a_reply_that_cannot_be_shared_is_not_kept(tiny_dir, tmp_path):

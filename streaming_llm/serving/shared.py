@@ -152,7 +152,7 @@ class SessionSync:
 
     # -- what the replica reports ------------------------------------------------------------------------
     def live_sessions(self) -> int:
-        """Sessions that had a request here within ``idle_after`` seconds."""
+        """Sessions that had a chat turn (or an import) here within ``idle_after`` seconds, and still exist."""
         horizon = time.monotonic() - self.idle_after
         while self.served and next(iter(self.served.values())) < horizon:
             self.served.popitem(last=False)
@@ -178,7 +178,8 @@ class SessionSync:
                        push: str | None) -> None:  # fmt: skip
         if session_id is None:  # a new anonymous session: its id comes with the reply
             return await self._forward(None, scope, receive, send, push)
-        self._touch(session_id)
+        if push in ("chat", "import"):
+            self._touch(session_id)
         lock = self.locks.get(session_id)
         if lock is None:
             lock = self.locks[session_id] = asyncio.Lock()
@@ -297,6 +298,7 @@ class SessionSync:
         except OSError as error:
             return _unavailable(session_id, error)
         self.known.pop(session_id, None)
+        self.served.pop(session_id, None)
         if status == 404 and existed:  # it was only in the shared place: that was the session, now deleted
             return JSONResponse({"id": session_id, "object": "session.deleted", "deleted": True})
         return None
@@ -304,6 +306,7 @@ class SessionSync:
     async def _drop(self, session_id: str) -> None:
         """Forget this replica's copy (the server's DELETE; no state folder, so memory only)."""
         self.known.pop(session_id, None)
+        self.served.pop(session_id, None)
         await self.client.delete(_url(session_id))
 
     def _remember(self, session_id: str, stamp: str) -> None:
