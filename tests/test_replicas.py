@@ -25,6 +25,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from streaming_llm.serving.replicas import LiveSessionsPolicy, ReplicaConfig, application, session_bytes  # noqa: E402
+from streaming_llm.serving.shared import SessionFiles  # noqa: E402
 
 KEY = "replica-key"
 SYSTEM = "You are a terse assistant."
@@ -231,12 +232,41 @@ def test_scale_down_drains_running_turns_and_strands_no_session(cluster, session
     cluster.check_against_uninterrupted_runs(tiny_dir, tmp_path, sessions)
 
 
+def test_autoscaling_adds_a_replica_for_live_sessions(cluster):
+    """Scaling back down when sessions go idle is the policy's arithmetic (below) plus the drain tested above."""
+    fast = {"upscale_delay_s": 0, "look_back_period_s": 11}  # just over the 10 s metrics interval
+    app = application(cluster.config, replicas=1, max_replicas=2, target_sessions=2,
+                      ray_actor_options={"num_cpus": 0.25}, autoscaling=fast)  # fmt: skip
+    serve.run(app, name="autoscaled", route_prefix="/autoscaled")
+
+    def running() -> int:
+        states = serve.status().applications["autoscaled"].deployments["StreamingReplica"].replica_states
+        return states.get("RUNNING", 0)
+
+    try:
+        assert running() == 1
+        for i in range(5):  # 5 live sessions at a target of 2 each: the policy asks for 3, capped at 2
+            body = {"model": "x", "messages": [{"role": "user", "content": f"Hello {i}."}], "max_tokens": 2}
+            r = httpx.post(f"{cluster.url}/autoscaled/v1/chat/completions", json=body, timeout=60,
+                           headers=cluster.headers(f"auto-{i}"))  # fmt: skip
+            assert r.status_code == 200, r.text
+        files = SessionFiles(cluster.config.state)
+        assert all(files.stamp(f"auto-{i}") for i in range(5))  # shared under a route prefix too
+        deadline = time.monotonic() + 120
+        while running() < 2:
+            assert time.monotonic() < deadline, "no second replica after 120 s"
+            time.sleep(0.5)
+    finally:
+        serve.delete("autoscaled")
+
+
 # -- without a cluster ---------------------------------------------------------------------------------------
 def test_live_sessions_policy_asks_for_enough_replicas():
     policy = LiveSessionsPolicy(target_sessions=4)
     context = SimpleNamespace(aggregated_metrics={"live_sessions": {"r1": 6.0, "r2": 5.0}})
     assert policy(context) == (3, {})  # 11 live sessions at 4 each
-    assert policy(SimpleNamespace(aggregated_metrics={}))[0] == 1
+    assert policy(SimpleNamespace(aggregated_metrics={"live_sessions": {"r1": 0.0, "r2": 0.0}}))[0] == 1  # idle
+    assert policy(SimpleNamespace(aggregated_metrics=None))[0] == 1
 
 
 def test_session_bytes_is_the_cache_a_session_allocates(model, tokenizer):

@@ -74,6 +74,7 @@ class ReplicaConfig:
     limits: Limits = Limits()
     batch_rows: int = 0
     shutdown_timeout: float = 5.0
+    idle_after: float = IDLE_AFTER  # seconds after its last turn that a session stops counting as live
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, state: str) -> ReplicaConfig:
@@ -119,7 +120,7 @@ class StreamingReplica:
             batch_rows=config.batch_rows,
         )  # fmt: skip
         self.sync = SessionSync(app, SessionFiles(config.state), api_key=config.api_key, replica=self.name,
-                                idle_after=IDLE_AFTER, max_body_bytes=config.limits.max_body_bytes)  # fmt: skip
+                                idle_after=config.idle_after, max_body_bytes=config.limits.max_body_bytes)  # fmt: skip
         self.asgi = Guard(self.sync, config.api_key, config.allowed_origins, config.allowed_hosts)
         log.warning("%s ready: %d sessions in memory at most, %.1f MiB each, shared state at %s", self.name,
                     max_sessions, per_session / 2**20, config.state)  # fmt: skip

@@ -163,7 +163,7 @@ class SessionSync:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = self._tag(send)
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], _route_path(scope)
         session_id = _path_session(path)
         if method == "POST" and path == "/v1/chat/completions":
             body, receive = await _buffered(receive, self.max_body_bytes)
@@ -337,6 +337,12 @@ class SessionSync:
 # -- helpers ---------------------------------------------------------------------------------------------------
 def _url(session_id: str) -> str:
     return f"/v1/sessions/{quote(session_id, safe='')}"
+
+
+def _route_path(scope) -> str:
+    """The path the app routes on: without the ``root_path`` a mount or a route prefix put before it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
 
 
 def _path_session(path: str) -> str | None:
