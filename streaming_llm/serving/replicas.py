@@ -122,8 +122,8 @@ class StreamingReplica:
         self.sync = SessionSync(app, SessionFiles(config.state), api_key=config.api_key, replica=self.name,
                                 idle_after=config.idle_after, max_body_bytes=config.limits.max_body_bytes)  # fmt: skip
         self.asgi = Guard(self.sync, config.api_key, config.allowed_origins, config.allowed_hosts)
-        log.warning("%s ready: %d sessions in memory at most, %.1f MiB each, shared state at %s", self.name,
-                    max_sessions, per_session / 2**20, config.state)  # fmt: skip
+        log.warning("%s ready: %d sessions in memory at most, %s each, shared state at %s", self.name,
+                    max_sessions, _size(per_session), config.state)  # fmt: skip
 
     def __serve_build_asgi_app__(self):
         return self.asgi
@@ -216,24 +216,27 @@ def fitting_sessions(wanted: int, per_session: int, device: torch.device) -> int
     free, _ = torch.cuda.mem_get_info(device)
     fit = max(1, int(free * GPU_HEADROOM) // per_session)
     if fit < wanted:
-        log.warning("--max-sessions %d does not fit on %s: %d sessions of %.1f MiB fit in %.1f GiB free; using %d",
-                    wanted, device, fit, per_session / 2**20, free / 2**30, fit)  # fmt: skip
+        log.warning("--max-sessions %d does not fit on %s: %d sessions of %s fit in %s free; using %d", wanted,
+                    device, fit, _size(per_session), _size(free), fit)  # fmt: skip
     return min(wanted, fit)
 
 
 def capacity_report(config: PretrainedConfig, start_size: int, recent_size: int, dtype: str, max_sessions: int,
                     replicas: int, max_replicas: int, target_sessions: float | None) -> str:  # fmt: skip
     """The start-up lines: memory per session and per replica, and the autoscaling bounds."""
+    import torch
+
     from ..core.architectures import describe
 
     spec = describe(config)
     per = session_bytes(config, start_size, recent_size, dtype)
-    width = "x".join(str(x) for x in (spec.num_layers, spec.num_kv_heads, spec.head_dim))
+    width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     lines = [
-        f"Per session: {per / 2**20:,.1f} MiB of cache ({width} layers x KV heads x head dim, keys and values, "
-        f"{dtype}, {start_size}+{recent_size}+1 slots, plus {start_size} sink keys).",
-        f"Per replica: up to {max_sessions} sessions in memory (--max-sessions) = {max_sessions * per / 2**30:,.2f} "
-        "GiB beside the weights; a GPU replica lowers it to what fits.",
+        f"Per session: {_size(per)} of cache ({spec.num_layers} layers x {spec.num_kv_heads} KV heads x "
+        f"{spec.head_dim} dims x {width} bytes ({dtype}) x keys and values of {start_size}+{recent_size}+1 slots, "
+        f"plus {start_size} sink keys; a longer system prompt is pinned whole and adds its tokens).",
+        f"Per replica: up to {max_sessions} sessions in memory (--max-sessions) = {_size(max_sessions * per)} beside "
+        "the weights (a GPU replica lowers it to what fits in its free memory).",
     ]
     if max_replicas > replicas:
         target = target_sessions or max(1.0, max_sessions / 2)
@@ -242,6 +245,13 @@ def capacity_report(config: PretrainedConfig, start_size: int, recent_size: int,
     else:
         lines.append(f"Replicas: {replicas} (up to {replicas * max_sessions} sessions in memory in all).")
     return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 # -- entry points ---------------------------------------------------------------------------------------------
@@ -311,10 +321,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"Serving {args.replicas} replicas on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
         _wait_for_signal()
     finally:
+        print("Stopping: the replicas finish their running turns (at most --drain-timeout)...", flush=True)
         if joined:
             serve.delete(APP_NAME)  # drains the replicas; the cluster and its Serve stay
         else:
             serve.shutdown()
+        print("Replicas stopped; every completed turn is in", state, flush=True)
         ray.shutdown()
     return 0
 
