@@ -9,7 +9,6 @@ then a scale-down from two replicas to one while turns are running.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -24,7 +23,15 @@ from conftest import REPO
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from streaming_llm.serving.replicas import LiveSessionsPolicy, ReplicaConfig, application, session_bytes  # noqa: E402
+from streaming_llm.serving.replicas import (  # noqa: E402
+    LiveSessionsPolicy,
+    ReplicaConfig,
+    application,
+    build_app,
+    parse_serve_args,
+    replica_plan,
+    session_bytes,
+)
 from streaming_llm.serving.shared import SessionFiles  # noqa: E402
 
 KEY = "replica-key"
@@ -300,4 +307,17 @@ def test_application_options():
     assert router.request_router_kwargs == {"num_fallback_replicas": 0}  # strict affinity
     with pytest.raises(ValueError):
         application(config, replicas=0)
-    assert os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY", "x-session-id").lower() == "x-session-id"
+    flags = {
+        "model": "/models/m",
+        "replicas": "3",
+        "state-dir": "s3://bucket/p",
+        "device": "cuda:1",
+        "max_sessions": "100",
+    }
+    assert build_app(flags)._bound_deployment._deployment_config.num_replicas == 3  # as a KubeRay RayService would
+    planned, resources = replica_plan(parse_serve_args(flags), "s3://bucket/p")
+    assert (planned.model, planned.state, planned.device, planned.max_sessions) == ("/models/m", "s3://bucket/p",
+                                                                                   "cuda", 100)  # fmt: skip
+    assert resources == {"num_cpus": 1.0, "num_gpus": 1}
+    with pytest.raises(ValueError, match="state-dir is required"):
+        build_app({"replicas": "2"})

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import tempfile
 import threading
@@ -261,12 +262,7 @@ def build_app(args: dict[str, str]) -> Application:
     Example: ``serve run streaming_llm.serving.replicas:build_app model=/models/m replicas=2 state-dir=s3://b/p``.
     A shared ``state-dir`` is required.
     """
-    from ..cli import build_parser
-
-    argv = ["serve"]
-    for key, value in args.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    parsed = build_parser().parse_args(argv)
+    parsed = parse_serve_args(args)
     if not parsed.state_dir:
         raise ValueError("state-dir is required: a folder every node sees, or an fsspec URL (s3://bucket/prefix)")
     return _application(parsed, parsed.state_dir)
@@ -278,12 +274,28 @@ def _gpus(args: argparse.Namespace) -> float:
     return 1 if (args.device or "").startswith("cuda") else 0
 
 
-def _application(args: argparse.Namespace, state: str) -> Application:
+def parse_serve_args(args: dict[str, str]) -> argparse.Namespace:
+    """``{"max-replicas": "4", "state_dir": "s3://b/p"}`` parsed as the ``serve`` flags they name."""
+    from ..cli import build_parser
+
+    argv = ["serve"]
+    for key, value in args.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return build_parser().parse_args(argv)
+
+
+def replica_plan(args: argparse.Namespace, state: str) -> tuple[ReplicaConfig, dict]:
+    """What each replica builds, and the resources Ray reserves for it, from the ``serve`` flags."""
     gpus = _gpus(args)
     resources = {"num_cpus": args.replica_cpus, **({"num_gpus": gpus} if gpus else {})}
     config = ReplicaConfig.from_args(args, state)
     if gpus and config.device and config.device.startswith("cuda:"):
         config = replace(config, device="cuda")  # Ray gives each replica its own GPU(s), numbered from 0
+    return config, resources
+
+
+def _application(args: argparse.Namespace, state: str) -> Application:
+    config, resources = replica_plan(args, state)
     return application(config, replicas=args.replicas, max_replicas=args.max_replicas,
                        target_sessions=args.target_sessions, ray_actor_options=resources,
                        drain_timeout=args.drain_timeout)  # fmt: skip
@@ -297,6 +309,10 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.loading import resolve
 
     joined = args.ray_address is not None
+    header = os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY", "x-session-id")
+    if header.lower().replace("_", "-") != "x-session-id":
+        log.warning("RAY_SERVE_SESSION_ID_HEADER_KEY=%s: Ray routes sessions by that header, not X-Session-Id, so "
+                    "sessions will not stick to a replica (they stay correct, and slower)", header)  # fmt: skip
     state = args.state_dir
     if state is None:
         if joined:
