@@ -187,3 +187,32 @@ def test_session_paths_with_a_slash(tiny_dir, tmp_path, path):
 
     response = run(tiny_dir, tmp_path, scenario)
     assert response.status_code == 200
+
+
+def test_a_replica_checks_host_origin_and_key_once_and_sends_cors_once(tiny_dir, tmp_path):
+    from streaming_llm.serving.replicas import ReplicaConfig, replica_app
+    from streaming_llm.serving.server import create_app
+
+    config = ReplicaConfig(model=str(tiny_dir), state=str(tmp_path), recent_size=WINDOW, api_key="k",
+                           allowed_origins=("http://ok.example",))  # fmt: skip
+    model, tokenizer = load(tiny_dir)
+    app = create_app(model, tokenizer, recent_size=WINDOW, api_key="k", allowed_origins=config.allowed_origins)
+    sync, asgi = replica_app(app, config, "r1")
+    body = {"model": "x", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2}
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://127.0.0.1") as c:
+            good = {"Authorization": "Bearer k", "Origin": "http://ok.example", "X-Session-Id": "cors"}
+            ok = await c.post("/v1/chat/completions", json=body, headers=good)
+            stamp = SessionFiles(tmp_path).stamp("cors")
+            no_key = await c.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "cors"})
+            bad_origin = await c.post("/v1/chat/completions", json=body, headers={**good, "Origin": "http://evil"})
+        await sync.client.aclose()
+        await asyncio.to_thread(app.state.server.engine.shutdown, 5)
+        return ok, stamp, no_key, bad_origin
+
+    ok, stamp, no_key, bad_origin = asyncio.run(scenario())
+    assert ok.status_code == 200 and ok.headers.get_list("access-control-allow-origin") == ["http://ok.example"]
+    assert ok.headers["x-replica-id"] == "r1" and stamp is not None
+    assert (no_key.status_code, bad_origin.status_code) == (401, 403)
+    assert SessionFiles(tmp_path).stamp("cors") == stamp  # refused requests touched nothing

@@ -106,9 +106,7 @@ class StreamingReplica:
         import ray
 
         from ..runtime.loading import load_model
-        from .guard import Guard
         from .server import create_app
-        from .shared import SessionFiles, SessionSync
 
         model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
         self.name = ray.get_runtime_context().get_actor_name() or "replica"
@@ -120,9 +118,7 @@ class StreamingReplica:
             allowed_hosts=config.allowed_hosts, limits=config.limits, shutdown_timeout=config.shutdown_timeout,
             batch_rows=config.batch_rows,
         )  # fmt: skip
-        self.sync = SessionSync(app, SessionFiles(config.state), api_key=config.api_key, replica=self.name,
-                                idle_after=config.idle_after, max_body_bytes=config.limits.max_body_bytes)  # fmt: skip
-        self.asgi = Guard(self.sync, config.api_key, config.allowed_origins, config.allowed_hosts)
+        self.sync, self.asgi = replica_app(app, config, self.name)
         log.warning("%s ready: %d sessions in memory at most, %s each, shared state at %s", self.name,
                     max_sessions, _size(per_session), config.state)  # fmt: skip
 
@@ -137,6 +133,25 @@ class StreamingReplica:
         # Ray Serve calls this after draining: no request is running, every completed turn is shared.
         log.warning("%s drained: %d live sessions continue on the other replicas", getattr(self, "name", "replica"),
                     self.sync.live_sessions() if hasattr(self, "sync") else 0)  # fmt: skip
+
+
+def replica_app(app, config: ReplicaConfig, name: str | None):
+    """A replica's ASGI app around the server's ``app``: ``(sync, asgi)``.
+
+    ``asgi`` is the Guard (host, origin, API key, CORS) in front of the SessionSync; the server's own
+    Guard behind it sees no ``Origin`` header (already checked), so CORS headers are sent once.
+    """
+    from .guard import Guard
+    from .shared import SessionFiles, SessionSync
+
+    async def without_origin(scope, receive, send):
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"origin"]}
+        await app(scope, receive, send)
+
+    sync = SessionSync(without_origin, SessionFiles(config.state), api_key=config.api_key, replica=name,
+                       idle_after=config.idle_after, max_body_bytes=config.limits.max_body_bytes)  # fmt: skip
+    return sync, Guard(sync, config.api_key, config.allowed_origins, config.allowed_hosts)
 
 
 class LiveSessionsPolicy:

@@ -64,7 +64,8 @@ class SessionFiles:
         self.fs, root = fsspec.core.url_to_fs(str(location))
         self.root = f"{root.rstrip('/')}/sessions"
         self.local = "file" in self.fs.protocol
-        self.fs.makedirs(self.root, exist_ok=True)
+        if self.local:  # an object store's folders are only prefixes
+            self.fs.makedirs(self.root, exist_ok=True)
 
     def path(self, session_id: str) -> str:
         return f"{self.root}/{hashlib.sha256(session_id.encode()).hexdigest()[:40]}.safetensors"
@@ -148,7 +149,6 @@ class SessionSync:
         self.max_known = 1 << 16
         self.served: OrderedDict[str, float] = OrderedDict()  # session -> time of its last request here
         self.locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self.busy = 0  # requests in the middle of a pull or push
 
     # -- what the replica reports ------------------------------------------------------------------------
     def live_sessions(self) -> int:
@@ -184,14 +184,10 @@ class SessionSync:
         if lock is None:
             lock = self.locks[session_id] = asyncio.Lock()
         async with lock:
-            self.busy += 1
-            try:
-                problem = await self._pull(session_id) if pull else None
-                if problem is not None:
-                    return await problem(scope, receive, send)
-                await self._forward(session_id, scope, receive, send, push)
-            finally:
-                self.busy -= 1
+            problem = await self._pull(session_id) if pull else None
+            if problem is not None:
+                return await problem(scope, receive, send)
+            await self._forward(session_id, scope, receive, send, push)
 
     async def _forward(self, session_id: str | None, scope, receive: Receive, send: Send, push: str | None) -> None:
         """Run the app; before its last response message, make the session durable (``push``)."""
