@@ -68,6 +68,21 @@ class Cluster:
         r = httpx.get(f"{self.url}/v1/sessions/{session}", headers=self.headers(session), timeout=60)
         return r.headers["x-replica-id"]
 
+    def pick(self, per_replica: int, prefix: str, have: dict[str, list[str]] | None = None) -> list[str]:
+        """New session ids until each of the running replicas has ``per_replica`` (counting ``have``)."""
+        picked = defaultdict(list, {k: list(v) for k, v in (have or {}).items()})
+        new: list[str] = []
+        replicas = self.running_replicas()
+        for i in range(300):
+            name = f"{prefix}{i}"
+            replica = self.replica_of(name)
+            if len(picked[replica]) < per_replica:
+                picked[replica].append(name)
+                new.append(name)
+            if len(picked) == replicas and all(len(v) >= per_replica for v in picked.values()):
+                return new
+        raise AssertionError(f"the replicas did not all get sessions: {dict(picked)}")
+
     def turn(self, session: str, stream: bool = False, max_tokens: int = 8, on_first=None) -> None:
         text = turn_text(session, len(self.history[session]))
         messages = ([{"role": "system", "content": SYSTEM}] if not self.history[session] else []) + [
@@ -165,15 +180,7 @@ def sessions(cluster) -> list[str]:
     The ring of a consistent hash puts six random ids on one replica of two with probability 1/32, so
     the ids are picked by asking where Ray routes each (a GET of a session that does not exist yet).
     """
-    picked: dict[str, list[str]] = defaultdict(list)
-    for i in range(200):
-        name = f"s{i}"
-        replica = cluster.replica_of(name)
-        if len(picked[replica]) < 3:
-            picked[replica].append(name)
-        if sorted(len(v) for v in picked.values()) == [3, 3]:
-            return [s for pair in zip(*picked.values(), strict=True) for s in pair]
-    raise AssertionError(f"two replicas did not both get sessions: {dict(picked)}")
+    return cluster.pick(3, prefix="s")
 
 
 def test_sessions_stick_to_one_replica_spread_over_both_and_never_mix(cluster, sessions, tiny_dir, tmp_path):
@@ -203,7 +210,12 @@ def test_scale_down_drains_running_turns_and_strands_no_session(cluster, session
     while cluster.running_replicas() < 2:  # Serve replaces the killed replica
         assert time.monotonic() < deadline, "the killed replica was not replaced"
         time.sleep(1)
-    cluster.round(sessions)  # some sessions now live on the new replica
+    cluster.round(sessions)  # some sessions may now live on the new replica
+    where = defaultdict(list)
+    for s in sessions:
+        where[cluster.served[s][-1]].append(s)
+    sessions = sessions + cluster.pick(2, prefix="late", have=where)  # at least two on each replica
+    cluster.round(sessions)
     before = {s: cluster.served[s][-1] for s in sessions}
     assert len(set(before.values())) == 2
     started = threading.Barrier(len(sessions) + 1, timeout=120)
@@ -235,7 +247,8 @@ def test_scale_down_drains_running_turns_and_strands_no_session(cluster, session
     assert len(survivor) == 1  # all on the survivor now
     drained = [s for s in sessions if before[s] not in survivor]
     assert drained and all(cluster.served[s][-2] == before[s] for s in drained)  # its turns ran there to the end
-    assert stopping and max(cluster.ended[s][-2] for s in drained) > stopping[0] > downsized[0]  # while removed
+    last = max(cluster.ended[s][-2] for s in drained)
+    assert stopping and last > stopping[0] > downsized[0], (downsized, stopping, last)  # ran while it was removed
     cluster.check_against_uninterrupted_runs(tiny_dir, tmp_path, sessions)
 
 
