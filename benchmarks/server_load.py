@@ -7,7 +7,9 @@ command that produced them.
 
     python benchmarks/server_load.py --sessions 8 32 --turns 10 --max-tokens 16 \
         --model /path/to/model-dir --out benchmarks/results/server_load_cpu.json
-    python benchmarks/server_load.py --sessions 8 --turns 3 --batch-rows 0 8 --system '' ...
+    python benchmarks/server_load.py --sessions 8 --turns 3 --rows 1 8 --system '' ...
+    python benchmarks/server_load.py --tiny --sessions 16 --turns 10 --replicas 0 1 2 \
+        --out benchmarks/results/ray_load_cpu.json   # Ray Serve replicas (0: the single process)
 """
 
 from __future__ import annotations
@@ -31,20 +33,28 @@ import openai
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(args, batch_rows: int = 0) -> tuple[subprocess.Popen, str]:
+def start_server(args, rows: int = 8, replicas: int = 0) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "streaming_llm.cli", "serve", "--port", str(port), "--recent-size",
                str(args.recent_size), "--max-sessions", str(max(args.sessions)), "--max-queue",
-               str(max(args.sessions) * 2), "--device", "cpu", "--batch-rows", str(batch_rows)]  # fmt: skip
+               str(max(args.sessions) * 2), "--device", "cpu", "--rows", str(rows)]  # fmt: skip
     if args.model:
         command += ["--model", args.model]
     if args.state_dir:
         command += ["--state-dir", args.state_dir]
+    if replicas:
+        command += ["--replicas", str(replicas), "--replica-cpus", str(args.replica_cpus)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     url = f"http://127.0.0.1:{port}"
+    if replicas:  # ready when every replica is: the command prints "Serving" once Ray Serve says so
+        for line in process.stdout:
+            if line.startswith("Serving"):
+                threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
+                return process, url
+        raise SystemExit("the replicas did not start")
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -54,6 +64,24 @@ def start_server(args, batch_rows: int = 0) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     process.kill()
     raise SystemExit("the server did not start")
+
+
+def tiny_model(folder: Path) -> str:
+    """A tiny random Llama (2 layers, width 64, seed 0) over the embedded tokenizer: measures the serving path."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from streaming_llm.runtime.loading import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(None))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def run(url: str, sessions: int, turns: int, max_tokens: int, tag: str, system: str) -> dict:
@@ -115,44 +143,62 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--recent-size", type=int, default=256)
     parser.add_argument(
-        "--batch-rows",
+        "--rows",
         type=int,
         nargs="+",
-        default=[0],
-        help="serve with each of these --batch-rows values in turn (0: no batching)",
+        default=[8],
+        help="serve with each of these --rows values in turn (1: one session decodes at a time)",
     )
     parser.add_argument(
         "--system",
         default="You are a helpful assistant.",
-        help="system prompt of each session's first turn ('' for none; a system prompt longer "
-        "than the server's --start-size is pinned whole, and such sessions decode alone)",
+        help="system prompt of each session's first turn ('' for none; it is pinned beside the sinks, and "
+        "sessions with different system prompts decode together)",
     )
     parser.add_argument("--state-dir", default=None, help="serve with durable sessions (every turn saved)")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="serve with each of these --replicas values in turn (0: the single process)",
+    )
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="--replica-cpus of the replicas")
+    parser.add_argument("--tiny", action="store_true", help="serve a tiny random model (the serving path's cost)")
     parser.add_argument("--label", default="", help="free text saved with the results (e.g. the model)")
     parser.add_argument("--out", default="benchmarks/results/server_load.json")
     args = parser.parse_args()
+    if args.tiny:
+        import tempfile
+
+        args.model = tiny_model(Path(tempfile.mkdtemp(prefix="tiny-model-")))
     results = []
-    for rows in [None] if args.url else args.batch_rows:
-        process, url = (None, args.url) if args.url else start_server(args, rows)
+    plans = [(None, None)] if args.url else [(rows, n) for n in args.replicas for rows in args.rows]
+    for rows, replicas in plans:
+        process, url = (None, args.url) if args.url else start_server(args, rows, replicas)
         try:
             for n in args.sessions:
                 result = run(url, n, args.turns, args.max_tokens, tag=f"load{n}-{int(time.time())}", system=args.system)
                 health = httpx.get(url + "/health", timeout=30).json()
                 result |= {
-                    "batch_rows": rows,
-                    "batched_steps": health.get("batched_steps"),
+                    "replicas": replicas,
+                    "rows": rows,
+                    "decode_steps": health.get("decode_steps"),
                     "batched_tokens": health.get("batched_tokens"),
+                    "max_batch": health.get("max_batch"),
                 }  # fmt: skip (cumulative per server)
                 print(json.dumps(result), flush=True)
                 results.append(result)
         finally:
             if process is not None:
                 process.terminate()
-                process.wait(30)
+                process.wait(120)
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "label": args.label,
-        "engine": "single worker; batch_rows 0: sessions interleaved token by token, one forward each; batch_rows "
-                  "N: up to N sessions' tokens decoded together in one batched forward (prompts fed per session)",
+        "engine": "one engine: every session a row of one cache (--rows resident, more spilled to host memory); "
+                  "all generating rows decode in one batched forward, prompts fed in chunks between decode steps; "
+                  "replicas N: N such servers on Ray Serve, every turn written to the shared state before it ends",
+        "model": "tiny random Llama (2 layers, width 64)" if args.tiny else args.model or "embedded SmolLM2-135M",
         "system_prompt": args.system,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_1m_at_end": os.getloadavg()[0]},

@@ -72,6 +72,17 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve(None))
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama over the SmolLM2 vocabulary, saved as a local model directory."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def model(tokenizer):
     """A tiny random Llama over the real SmolLM2 vocabulary, switched to streaming attention."""
@@ -92,14 +103,3 @@ def shakespeare() -> str:
     from streaming_llm.data import read_text
 
     return read_text()
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama over the SmolLM2 vocabulary, saved as a local model directory."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    model = tiny_llama(vocab_size=len(tokenizer))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path

@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
         "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
         description="Serve the model over an OpenAI-compatible API. Conversations that continue a live session "
         "feed only their new message (history is never re-processed); memory is bounded by --max-sessions "
-        "fixed-size caches. Needs: pip install 'streaming-llm[server]'.",
+        "fixed-size caches. Needs: pip install 'streaming-llm[server]'. With --replicas N the same API runs as a Ray "
+        "Serve application of N replicas (pip install 'streaming-llm[ray]').",
     )  # fmt: skip
     from ..serving.config import add_server_flags
 
@@ -30,6 +31,18 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
         print("error: the server needs FastAPI and uvicorn: pip install 'streaming-llm[server]'", file=sys.stderr)
         return 2
+    if args.replicas:
+        if any(importlib.util.find_spec(name) is None for name in ("ray", "fsspec", "httpx")):
+            print("error: --replicas needs Ray Serve: pip install 'streaming-llm[ray]'", file=sys.stderr)
+            return 2
+        if args.max_replicas is not None and args.max_replicas < args.replicas:
+            print("error: --max-replicas must be >= --replicas", file=sys.stderr)
+            return 2
+        if args.ray_address is None:
+            check_port(args.host, args.port)
+        from ..serving.replicas import run as run_replicas
+
+        return run_replicas(args)
     check_port(args.host, args.port)  # before importing torch and loading the model, which take a while
     from ..serving.server import serve
 

@@ -291,6 +291,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._clock = itertools.count(1)
         self._stopping = False
+        self._worker: int | None = None  # the thread that serves the engine (serve_forever), if any
         for b in cache.live:  # fresh rows (a one-row cache's row 0) are free for any stream; others wait for open(row=)
             if cache.row(b).seen_tokens == 0:
                 cache.release(b)
@@ -426,6 +427,33 @@ class Engine:
             self._calls.append(fn)
             self._wake.notify()
 
+    def run_on_thread(self, fn: Callable[[], object], timeout: float | None = None) -> object:
+        """``fn()`` run on the engine's thread between steps (directly when no worker thread drives the engine,
+        or when called from it); returns its result or raises its exception. For work that reads or changes
+        rows, e.g. exporting a session.
+
+        Raises:
+            TimeoutError: The engine did not run it within ``timeout`` seconds.
+        """
+        if self._worker is None or self._worker == threading.get_ident():
+            return fn()
+        done, box = threading.Event(), {}
+
+        def call() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as error:
+                box["error"] = error
+            finally:
+                done.set()
+
+        self.call_soon(call)
+        if not done.wait(timeout):
+            raise TimeoutError("The engine did not get to the call in time.")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
     def run(self, request: Request) -> Iterator[None]:
         """Step the engine until ``request`` is done, yielding after every step (to read its progress).
         For callers that own the engine (no worker thread)."""
@@ -473,6 +501,7 @@ class Engine:
 
     def serve_forever(self, stop: threading.Event) -> None:
         """Step from this thread until ``stop`` is set and nothing is left; sleeps while idle."""
+        self._worker = threading.get_ident()
         while not (stop.is_set() and self.idle):
             if not self.step():
                 with self._lock:

@@ -19,6 +19,7 @@ class Limits:
     max_queue: int = 64  # requests running or waiting (more: 429)
     request_timeout: float = 600.0  # seconds one request may run
     max_session_id: int = 256  # characters
+    max_session_bytes: int = 1 << 32  # an imported session file (PUT /v1/sessions/{id})
 
 
 # -- command line -----------------------------------------------------------------------------------------------
@@ -42,7 +43,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
          "pins its first tokens)"),
         ("--max-sessions", _positive, 16, "sessions kept in memory (rows and host snapshots)"),
         ("--state-dir", str, None, "folder for durable sessions: every turn saved, sessions beyond --max-sessions "
-         "spill to disk, all survive restarts"),
+         "spill to disk, all survive restarts; with --replicas, the state all replicas share: a folder every node "
+         "sees or an fsspec URL (s3://bucket/prefix)"),
         ("--api-key", api_key, os.environ.get("STREAMING_LLM_API_KEY"),
          "require 'Authorization: Bearer KEY' on every endpoint but /health; $STREAMING_LLM_API_KEY sets the "
          "default; an empty key is an error"),
@@ -56,11 +58,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--request-timeout", float, d.request_timeout, "seconds per request"),
         ("--shutdown-timeout", float, 5.0, "seconds to wind down on SIGTERM"),
     ]  # fmt: skip
-    for name, kind, default, text in flags:
-        shown = "not set" if default in (None, "") else "%(default)s"
-        if name == "--api-key":
-            shown = "none" if default is None else "set"
-        group.add_argument(name, type=kind, default=default, help=f"{text} (default: {shown})")
+    _add(group, flags)
     group.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (default: served)")
     group.add_argument(
         "--model-alias", action="append", default=[], metavar="NAME",
@@ -72,6 +70,32 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="request log on stderr, one line per request (time, method, path, status, session, prompt and "
         "completion tokens, latency): text or json (JSON lines)",
     )  # fmt: skip
+
+    replicas = parser.add_argument_group("replicas (Ray Serve; pip install 'streaming-llm[ray]')")
+    _add(replicas, [
+        ("--replicas", _non_negative, 0, "run N replicas of the server on Ray Serve, each with its own model copy, "
+         "sessions sticking to one replica and shared through --state-dir; 0: this process only"),
+        ("--max-replicas", _positive, None, "autoscale between --replicas and this on live sessions per replica"),
+        ("--target-sessions", _positive_float, None, "live sessions per replica the autoscaler aims at "
+         "(default: half of --max-sessions)"),
+        ("--ray-address", str, None, "join this Ray cluster ('auto': the one on this machine; ray://host:10001: a "
+         "remote one, e.g. KubeRay); not set: start a local cluster"),
+        ("--replica-cpus", _positive_float, 1.0, "CPUs Ray reserves for each replica"),
+        ("--replica-gpus", _non_negative_float, None, "GPUs per replica (default: 1 with --device cuda, else 0)"),
+        ("--drain-timeout", _positive_float, 60.0, "seconds a replica being removed waits for its running turns"),
+    ])  # fmt: skip
+
+
+def _add(group: argparse._ArgumentGroup, flags: list[tuple]) -> None:
+    for name, kind, default, text in flags:
+        shown = "not set" if default in (None, "") else "%(default)s"
+        if name == "--api-key":
+            shown = "none" if default is None else "set"
+        if "(default:" in text:
+            shown = None
+        group.add_argument(
+            name, type=kind, default=default, help=text if shown is None else f"{text} (default: {shown})"
+        )
 
 
 def api_key(text: str) -> str:
@@ -108,4 +132,25 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value

@@ -45,7 +45,7 @@ class Guard:
     def _cors(self, origin: str) -> dict[str, str]:
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
                 "Access-Control-Allow-Headers": "authorization, content-type, x-session-id",
-                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
                 "Access-Control-Expose-Headers": "x-session-id"}  # fmt: skip
 
     def check(self, scope, headers: dict[str, str]) -> JSONResponse | None:

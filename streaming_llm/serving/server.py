@@ -22,7 +22,9 @@ steps of all generating sessions. Sessions:
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /v1/config``,
 ``POST /v1/chat/completions``, ``POST /v1/completions`` (``"stream": true`` for server-sent events),
-``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``. Errors always have OpenAI's shape
+``GET /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``, ``GET /v1/sessions/{id}/export`` (the session
+file) and ``PUT /v1/sessions/{id}`` (import one, checked as on load), so that a session can move between
+servers. Errors always have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``; a request naming a model that is neither the served
 name nor an alias gets OpenAI's 404 ``model_not_found``. Sampling fields a request leaves out take the
 operator's defaults (``sampling``; the CLI's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05,
@@ -36,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -48,7 +51,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -382,26 +385,77 @@ def _add_generation_routes(app: FastAPI, server: Server) -> None:
 
 
 def _add_session_routes(app: FastAPI, server: Server) -> None:
-    @app.get("/v1/sessions")
-    def list_sessions():
-        return {"object": "list", "data": [d for i in server.store.ids() if (d := server.store.describe(i))]}
+    def no_session(session_id: str) -> JSONResponse:
+        return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
 
-    @app.get("/v1/sessions/{session_id}")
-    def get_session(session_id: str):
-        described = server.store.describe(session_id)
-        if described is None:
-            return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
-        return described
-
-    @app.delete("/v1/sessions/{session_id}")
-    async def delete_session(session_id: str):
+    def busy(session_id: str) -> JSONResponse | None:
         live = server.store.live.get(session_id)
         if live is not None and live.inflight:
             return error_response(409, f"Session {session_id!r} has a request in flight; retry when it is done.",
                                   code="session_busy")  # fmt: skip
+        return None
+
+    @app.get("/v1/sessions")
+    def list_sessions():
+        return {"object": "list", "data": [d for i in server.store.ids() if (d := server.store.describe(i))]}
+
+    # `:path` so that ids with a slash work; the export route is matched first.
+    @app.get("/v1/sessions/{session_id:path}/export")
+    async def export_session(session_id: str):
+        if (refused := busy(session_id)) is not None:
+            return refused
+        data = await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.export(session_id))
+        if data is None:
+            return no_session(session_id)
+        name = f"session-{hashlib.sha256(session_id.encode()).hexdigest()[:16]}.safetensors"
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
+
+    @app.put("/v1/sessions/{session_id:path}")
+    async def import_session(request: Request, session_id: str):
+        try:
+            data = await read_session_upload(server, request, session_id)
+        except RequestError as problem:
+            return failure(problem)
+        if (refused := busy(session_id)) is not None:
+            return refused
+        try:
+            await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.import_(session_id, data))
+        except SessionFileError as problem:
+            return failure(problem)
+        return server.store.describe(session_id)
+
+    @app.get("/v1/sessions/{session_id:path}")
+    def get_session(session_id: str):
+        described = server.store.describe(session_id)
+        return no_session(session_id) if described is None else described
+
+    @app.delete("/v1/sessions/{session_id:path}")
+    async def delete_session(session_id: str):
+        if (refused := busy(session_id)) is not None:
+            return refused
         if not await asyncio.to_thread(server.delete, session_id):
-            return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
+            return no_session(session_id)
         return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+
+async def read_session_upload(server: Server, request: Request, session_id: str) -> bytes:
+    """The body of ``PUT /v1/sessions/{id}``: a session file, within the size cap."""
+    limits = server.limits
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/octet-stream":
+        raise RequestError(415, f"Send the session file as 'Content-Type: application/octet-stream' (got {kind!r}).")
+    if not 0 < len(session_id) <= limits.max_session_id:
+        raise RequestError(400, f"A session id must have 1 to {limits.max_session_id} characters.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_session_bytes:
+        raise RequestError(413, f"The session file is {declared} bytes; the limit is {limits.max_session_bytes}.")
+    data = bytearray()
+    async for block in request.stream():
+        data += block
+        if len(data) > limits.max_session_bytes:
+            raise RequestError(413, f"The session file is over the limit of {limits.max_session_bytes} bytes.")
+    return bytes(data)
 
 
 # -- one request, end to end ---------------------------------------------------------------------------------
@@ -531,6 +585,8 @@ def _completion_body(server: Server, turn: Turn, pieces: list, ident: str, creat
 def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, RequestError):
         return error_response(item.status, item.message, item.kind, item.param, item.code)
+    if isinstance(item, SessionFileError):
+        return error_response(400, str(item), code="invalid_session_file")
     if isinstance(item, QueueFull):
         return error_response(429, str(item), "rate_limit_error", code="queue_full")
     if isinstance(item, SessionBrokenError):

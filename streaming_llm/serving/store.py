@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -109,14 +110,50 @@ class SessionStore:
         if self.state_dir is None or not self.path(session_id).is_file():
             return None
         state, tensors = read_session_file(self.path(session_id), self.model)
+        live = self._restore(session_id, state, tensors, server_required=True)
+        self.put(live)
+        return live
+
+    def _restore(self, session_id: str, state: dict, tensors: dict, server_required: bool) -> Live:
         try:
             session = StreamingSession.from_state(self.model, self.tokenizer, tensors, state, engine=self.engine,
                                                   name=session_id)  # fmt: skip
-            server = state["server"]
-            live = Live(session_id, session, str(server["digest"]), int(server["messages"]))
+            server = state["server"] if server_required else state.get("server", {"digest": "", "messages": 0})
+            return Live(session_id, session, str(server["digest"]), int(server["messages"]))
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
             raise SessionFileError(f"The stored session {session_id!r} is inconsistent ({error}).") from None
+
+    # -- moving sessions between servers ---------------------------------------------------------------------
+    def export(self, session_id: str) -> bytes | None:
+        """The session as one session file (what :func:`write_session_file` writes), or None when unknown. Run it
+        on the engine's thread (a session in memory is written afresh from its row); one only on disk is its
+        file as stored (checked on import)."""
+        with self.lock:
+            live = self.live.get(session_id)
+        if live is None:
+            stored = self.path(session_id) if self.state_dir is not None else None
+            return stored.read_bytes() if stored is not None and stored.is_file() else None
+        with tempfile.TemporaryDirectory(prefix="streaming-llm-export-") as folder:
+            return self._write(live, Path(folder) / "session.safetensors").read_bytes()
+
+    def import_(self, session_id: str, data: bytes) -> Live:
+        """Make the session file ``data`` the session ``session_id`` (replacing one of that id), and persist it.
+
+        The file gets the checks of a load (format, checksum, model identity, consistency); a file saved by
+        :meth:`StreamingSession.save` is taken too (it continues with new messages only). Raises
+        :class:`SessionFileError`, and then nothing changes.
+        """
+        with tempfile.TemporaryDirectory(prefix="streaming-llm-import-") as folder:
+            path = Path(folder) / "session.safetensors"
+            path.write_bytes(data)
+            try:
+                state, tensors = read_session_file(path, self.model)
+            except SessionFileError as error:
+                raise SessionFileError(str(error).replace(str(path), "The uploaded file")) from None
+        live = self._restore(session_id, state, tensors, server_required=False)
+        self.discard(session_id)
         self.put(live)
+        self.persist(live)
         return live
 
     # -- updates (worker thread) -----------------------------------------------------------------------------
@@ -155,9 +192,7 @@ class SessionStore:
         """Write the session's state to its file and the index (no-op without ``state_dir``)."""
         if self.state_dir is None or self.db is None:
             return
-        tensors, state = live.session.state()
-        state["server"] = {"id": live.id, "digest": live.digest, "messages": live.messages}
-        path = write_session_file(self.path(live.id), tensors, state, self.model)
+        path = self._write(live, self.path(live.id))
         stats = live.session.stats(recorded=True)
         with self.lock:
             self.db.execute(
@@ -165,6 +200,11 @@ class SessionStore:
                 (live.id, path.name, live.digest, live.messages, stats.turns, stats.seen_tokens, stats.evicted_tokens,
                  stats.cached_tokens, stats.cache_bytes, time.time()),
             )  # fmt: skip
+
+    def _write(self, live: Live, path: Path) -> Path:
+        tensors, state = live.session.state()
+        state["server"] = {"id": live.id, "digest": live.digest, "messages": live.messages}
+        return write_session_file(path, tensors, state, self.model)
 
     def discard(self, session_id: str) -> None:
         """Forget the in-memory copy (e.g. after a failure); the file, if any, stays."""
