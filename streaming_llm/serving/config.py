@@ -61,6 +61,11 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     _add(group, flags)
     group.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (default: served)")
     group.add_argument(
+        "--memory", choices=("retrieval",), default=None,
+        help="memory beyond the window for every session: 'retrieval' indexes each session's evicted text (SQLite "
+        "FTS5, saved with the session) and pins the best passages before each user turn (default: none)",
+    )  # fmt: skip
+    group.add_argument(
         "--model-alias", action="append", default=[], metavar="NAME",
         help="another model name to answer to (repeatable), e.g. the name a client is configured with "
         "(default: none)",

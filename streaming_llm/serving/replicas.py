@@ -78,6 +78,7 @@ class ReplicaConfig:
     pinned_capacity: int = 256
     sampling: SamplingConfig | None = None
     aliases: tuple[str, ...] = ()
+    memory: str | None = None
     shutdown_timeout: float = 5.0
     idle_after: float = IDLE_AFTER  # seconds after its last turn that a session stops counting as live
 
@@ -96,7 +97,7 @@ class ReplicaConfig:
             allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
             allowed_hosts=tuple(sorted(h for h in hosts if h)), limits=limits, rows=args.rows,
             pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
-            shutdown_timeout=args.shutdown_timeout,
+            memory=args.memory, shutdown_timeout=args.shutdown_timeout,
         )  # fmt: skip
 
 
@@ -125,7 +126,7 @@ class StreamingReplica:
             max_sessions=max(config.max_sessions, rows), state_dir=None, api_key=config.api_key,
             allowed_origins=config.allowed_origins, allowed_hosts=config.allowed_hosts, limits=config.limits,
             shutdown_timeout=config.shutdown_timeout, rows=rows, pinned_capacity=config.pinned_capacity,
-            sampling=config.sampling, aliases=config.aliases,
+            sampling=config.sampling, aliases=config.aliases, memory=config.memory,
         )  # fmt: skip
         self.sync, self.asgi = replica_app(app, config, self.name)
         log.warning("%s ready: %d rows on the device (%s each), %d sessions in memory at most, shared state at %s",

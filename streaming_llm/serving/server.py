@@ -62,6 +62,7 @@ from ..runtime import engine as runtime
 from ..runtime.generation import TextStream, eos_ids
 from ..runtime.sampling import Sampler, SamplingConfig
 from ..sessions.persistence import SessionFileError
+from ..sessions.retrieval import RetrievalMemory
 from ..sessions.session import SessionBrokenError, StreamingSession
 from .access_log import AccessLog
 from .config import Limits, exposure_warning
@@ -98,20 +99,32 @@ class Server:
         max_sessions: Sessions kept in memory in all (rows and host snapshots); more go to ``state_dir``.
         sampling: Sampling of requests that leave sampling fields out (default: the CLI's chat defaults).
         aliases: Further model names to answer to.
+        memory: ``"retrieval"``: every session gets its own
+            :class:`~streaming_llm.sessions.retrieval.RetrievalMemory` (its evicted text indexed, the best passages
+            pinned before each user turn; the index is saved with the session). None: plain streaming.
+
+    Raises:
+        ValueError: An unknown ``memory``.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str, start_size: int,
                  recent_size: int, max_sessions: int, state_dir: str | os.PathLike | None, limits: Limits,
                  rows: int = 8, pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
-                 aliases: tuple[str, ...] = ()):  # fmt: skip
+                 aliases: tuple[str, ...] = (), memory: str | None = None):  # fmt: skip
+        if memory not in (None, "retrieval"):
+            raise ValueError(f"memory must be None or 'retrieval', got {memory!r}")
         install(model)
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.names = (name, *(a for a in aliases if a != name))
         self.sampling = sampling or default_sampling()
         self.start_size, self.recent_size, self.limits = start_size, recent_size, limits
         self.pinned_capacity = max(start_size, pinned_capacity)
-        cache = StreamingCache(model.config, start_size, recent_size, rows=rows, pinned_capacity=self.pinned_capacity,
-                               dtype=model.dtype, device=model.device)  # fmt: skip
+        self.memory = memory
+        segment = RetrievalMemory().budget if memory == "retrieval" else 0
+        cache = StreamingCache(
+            model.config, start_size, recent_size, segment, rows=rows, pinned_capacity=self.pinned_capacity,
+            dtype=model.dtype, device=model.device,
+        )  # fmt: skip
         self.engine = runtime.Engine(model, cache)
         self.store = SessionStore(model, tokenizer, self.engine, max(max_sessions, rows), state_dir)
         self.stop_ids = frozenset(eos_ids(model, tokenizer))
@@ -173,8 +186,9 @@ class Server:
             ) from None
         if live is None:
             system = messages[0] if messages[0].kind == "system" else None
+            memory = RetrievalMemory() if self.memory == "retrieval" else None
             session = StreamingSession(self.model, self.tokenizer, system.text if system else None,
-                                       start_size=self.start_size, recent_size=self.recent_size,
+                                       start_size=self.start_size, recent_size=self.recent_size, memory=memory,
                                        engine=self.engine, name=session_id)  # fmt: skip
             live = Live(session_id, session)
             if system is not None:
@@ -240,6 +254,7 @@ class Server:
         for message in fed:
             digest, count = chain(digest, message.kind, message.text), count + 1
         self.store.update_digest(live, chain(digest, "assistant", "".join(text.text)), count + 1)
+        live.record_memory()
         self.store.put(live)
         self.store.persist(live)
 
@@ -276,7 +291,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
                "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0, rows: int = 8,
                pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
-               aliases: tuple[str, ...] = (), web: bool = True) -> FastAPI:  # fmt: skip
+               aliases: tuple[str, ...] = (), web: bool = True, memory: str | None = None) -> FastAPI:  # fmt: skip
     """The FastAPI application.
 
     Args:
@@ -298,6 +313,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         sampling: Sampling of requests that leave sampling fields out (each field the request gives
             overrides it); default: the CLI's chat defaults (``cli.common.SAMPLING_DEFAULTS``), no seed.
         web: Serve the chat page at ``GET /`` (:mod:`~streaming_llm.serving.page`).
+        memory: ``"retrieval"``: every session gets its own retrieval memory (see :class:`Server`).
 
     Raises:
         ValueError: an empty ``api_key``, or bad sizes.
@@ -307,7 +323,7 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
     limits = limits or Limits()
     server = Server(model, tokenizer, name=name, start_size=start_size, recent_size=recent_size,
                     max_sessions=max_sessions, state_dir=state_dir, limits=limits, rows=rows,
-                    pinned_capacity=pinned_capacity, sampling=sampling, aliases=aliases)  # fmt: skip
+                    pinned_capacity=pinned_capacity, sampling=sampling, aliases=aliases, memory=memory)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -694,7 +710,7 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
         pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
-        web=not args.no_web,
+        web=not args.no_web, memory=args.memory,
     )  # fmt: skip
     configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,

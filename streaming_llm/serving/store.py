@@ -43,6 +43,7 @@ class Live:
 
     Attributes:
         inflight: Requests submitted for it and not done (a session in flight never leaves memory).
+        memory: The size of its memory after its last turn (retrieval: passages and index bytes), or None.
     """
 
     id: str
@@ -50,6 +51,11 @@ class Live:
     digest: str = ""
     messages: int = 0
     inflight: int = 0
+    memory: dict | None = None
+
+    def record_memory(self) -> None:
+        """Note the size of the session's memory (on the engine's thread, after a turn)."""
+        self.memory = self.session.memory_info()
 
 
 def chain(digest: str, role: str, content: str) -> str:
@@ -221,7 +227,7 @@ class SessionStore:
             if session_id in self.live:
                 live = self.live[session_id]
                 return {"id": session_id, "object": "session", "in_memory": True, "messages": live.messages,
-                        **live.session.stats_dict(recorded=True)}  # fmt: skip
+                        **live.session.stats_dict(recorded=True), "memory": live.memory}  # fmt: skip
             if self.db is None:
                 return None
             row = self.db.execute(

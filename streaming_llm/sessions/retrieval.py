@@ -157,6 +157,12 @@ class RetrievalMemory:
         """Passages in the index."""
         return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the SQLite index (pages in use times the page size)."""
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        return pages * self.db.execute("PRAGMA page_size").fetchone()[0]
+
     # -- recall -------------------------------------------------------------------------------------
     def search(self, message: str, limit: int = 32) -> list[tuple[int, str, int]]:
         """Best BM25 matches for ``message``: ``(rowid, text, tokens)``, best first."""

@@ -532,6 +532,15 @@ class StreamingSession:
     def stats_dict(self, recorded: bool = False) -> dict[str, int]:
         return asdict(self.stats(recorded))
 
+    def memory_info(self) -> dict | None:
+        """The memory's kind and size: retrieval ``{"kind", "passages", "index_bytes"}``, hybrid ``{"kind",
+        "summary_tokens"}``, or None without memory."""
+        if isinstance(self.memory, RetrievalMemory):
+            return {"kind": "retrieval", "passages": len(self.memory), "index_bytes": self.memory.nbytes}
+        if self.memory:
+            return {"kind": "hybrid", "summary_tokens": self.cache.segment_len}
+        return None
+
     # -- state ---------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """A snapshot of everything needed to continue this session exactly: ``(tensors, state)``.
