@@ -10,6 +10,7 @@ import contextlib
 import io
 import re
 import shlex
+import textwrap
 import tomllib
 
 import pytest
@@ -53,7 +54,9 @@ def has_flag(help: str, flag: str) -> bool:
 
 
 def fenced(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, re.S | re.M)
+    """The README's fenced blocks of ``language``, also those indented inside a list item (dedented)."""
+    blocks = re.findall(rf"^( *)```{language}\n(.*?)^\1```", README, re.S | re.M)
+    return [textwrap.dedent(body) for _, body in blocks]
 
 
 def shell_commands() -> list[list[str]]:
@@ -107,7 +110,7 @@ def test_python_blocks_compile():
 
 def paragraphs() -> list[tuple[str, str]]:
     """``(section, paragraph)`` of the README's prose (fenced blocks left out)."""
-    prose = re.sub(r"^```.*?^```", "", README, flags=re.S | re.M)
+    prose = re.sub(r"^( *)```.*?^\1```", "", README, flags=re.S | re.M)
     section, found = "", []
     for paragraph in re.split(r"\n\s*\n|\n(?=\* )", prose):
         if heading := re.match(r"#+ (.*)", paragraph.strip()):
