@@ -102,7 +102,8 @@ def streamed_state(model, args, start: int, context: int, pinned_capacity: int):
     cache = StreamingCache(model.config, start, args.recent_size, rows=1, pinned_capacity=pinned_capacity,
                            dtype=model.dtype, device=model.device)  # fmt: skip
     stepper = Stepper(model, cache)
-    ids = torch.randint(0, model.config.vocab_size, (args.stream_limit,), device=model.device)
+    real = max(args.stream_limit, start + args.recent_size + 64)  # a full row (fast_forward needs one)
+    ids = torch.randint(0, model.config.vocab_size, (real,), device=model.device)
     sync(model.device)
     began = time.perf_counter()
     for piece in ids.split(args.chunk):
@@ -111,7 +112,7 @@ def streamed_state(model, args, start: int, context: int, pinned_capacity: int):
     seconds = time.perf_counter() - began
     if context > cache.seen_tokens:
         cache.fast_forward(context - cache.seen_tokens)
-    return cache.row_state(0), int(logits.argmax()), args.stream_limit / seconds
+    return cache.row_state(0), int(logits.argmax()), real / seconds
 
 
 @torch.no_grad()
@@ -260,7 +261,8 @@ def check(args, device: torch.device, steps: int = 256) -> dict:
     """Rows at different lengths, batched and captured in float32, against each stream alone (4-layer model)."""
     config = LlamaConfig(**{**(TINY if args.tiny else LLAMA3_8B), "num_hidden_layers": 4})
     with torch.device(device):
-        model = install(LlamaForCausalLM(config).float().eval())
+        model = LlamaForCausalLM(config).float().eval()
+    install(model)
     lengths = [1, 3, 2000, max(200, 2 * (args.start_size + args.recent_size) - steps // 2)]
     pins = [args.start_size, 37, args.start_size, 120]
     prompts = [torch.randint(0, config.vocab_size, (n,), device=device) for n in lengths]
@@ -323,7 +325,8 @@ def main() -> None:
         shape["vocab_size"] = len(tokenizer)
     torch.manual_seed(0)
     with torch.device(device):
-        model = install(LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).eval())
+        model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).eval()
+    install(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     emit({"method": "floor", "weights_gb": weights / 1e9, "bandwidth_tb_s": bandwidth and bandwidth / 1e12,

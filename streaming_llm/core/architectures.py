@@ -191,7 +191,7 @@ def _rope(config: PretrainedConfig, head_dim: int, layer_type: str) -> tuple[Rop
     rotary_dim = int(head_dim * partial)
     if rope_type == "default":
         # Same float32 computation as transformers' default RoPE initialisation.
-        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
         inv_freq = 1.0 / (params["rope_theta"] ** exponents)
     elif rope_type == "longrope":
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=0)  # the short factors
@@ -199,7 +199,7 @@ def _rope(config: PretrainedConfig, head_dim: int, layer_type: str) -> tuple[Rop
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=keyed_type)
     else:
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-    return Rope(inv_freq=inv_freq.to(torch.float64), rotary_dim=rotary_dim), limit
+    return Rope(inv_freq=inv_freq.to("cpu", torch.float64), rotary_dim=rotary_dim), limit
 
 
 def bind_model(model) -> None:

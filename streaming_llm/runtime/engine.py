@@ -44,7 +44,7 @@ from transformers import PreTrainedModel
 
 from ..core.cache import CacheState, RowStats, StreamingCache, check_int
 from ..core.stepper import Stepper
-from .sampling import Sampler, SamplingConfig
+from .sampling import Sampler, SamplingConfig, greedy_picks
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +621,7 @@ class Engine:
     def _emit(self, rows: list[tuple[Request, torch.Tensor]]) -> None:
         """Sample each request's next token and hand it on (one device read for an all-greedy batch)."""
         if all(r.stream.sampler.greedy for r, _ in rows):
-            picks = torch.stack([lg for _, lg in rows]).argmax(-1).tolist()
+            picks = greedy_picks([r.stream.sampler for r, _ in rows], [lg for _, lg in rows])
         else:
             picks = [r.stream.sampler(lg) for r, lg in rows]
         for (request, _), token in zip(rows, picks, strict=True):

@@ -131,11 +131,10 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        """Picks the argmax of the raw logits (no temperature, penalty or suppressed ids): a batch of such
-        samplers can be served by one argmax over the batch."""
+        """Picks the argmax of the logits with only ``suppress_ids`` masked (no temperature, penalty or DRY): a
+        batch of such samplers is served by one argmax over the batch (:func:`greedy_picks`)."""
         cfg = self.config
-        return (cfg.temperature == 0 and cfg.repetition_penalty == 1.0 and not cfg.dry_multiplier
-                and not cfg.suppress_ids)  # fmt: skip
+        return cfg.temperature == 0 and cfg.repetition_penalty == 1.0 and not cfg.dry_multiplier
 
     def observe(self, token_ids: list[int]) -> None:
         """Remember tokens fed to the model, for the repetition controls."""
@@ -205,3 +204,13 @@ class Sampler:
             logits = logits.scatter(0, order[drop], float("-inf"))
         choice = int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
         return choice if candidates is None else int(candidates[choice])
+
+
+def greedy_picks(samplers: list[Sampler], logits: list[torch.Tensor]) -> list[int]:
+    """One argmax over the stacked ``logits`` (each ``(vocab,)``) of greedy samplers, each row's suppressed ids
+    masked: one device read for the whole batch."""
+    stacked = torch.stack(logits)
+    for row, sampler in enumerate(samplers):
+        if sampler.config.suppress_ids:
+            stacked[row, list(sampler.config.suppress_ids)] = float("-inf")
+    return stacked.argmax(-1).tolist()
