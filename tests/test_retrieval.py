@@ -40,11 +40,13 @@ def test_evicted_text_is_indexed_and_the_matching_passage_is_pinned(model, token
     session.chat("What is the pass code of the blue door?", max_new_tokens=2)
     pinned = session.memory.last.passages
     assert any("4817" in p for p in pinned)
-    assert 0 < session.memory.last.tokens <= 96
+    assert session.memory.last.matched and session.memory.last.tokens == 96  # always exactly the budget
     assert session.stats().summary_tokens == session.memory.last.tokens
-    # The next message matches nothing new: the segment is replaced, never stacked.
+    # A message that matches nothing: the segment is replaced (never stacked) by the passages evicted last.
     session.chat("zzzz qqqq", max_new_tokens=2)
-    assert session.cache.segment_len == 0 and session.memory.last.passages == []
+    last = session.memory.last
+    assert not last.matched and session.cache.segment_len == 96
+    assert _rows(session.memory)[-1][1].strip() in "\n".join(last.passages)
 
 
 def test_query_text_is_never_fts_syntax(model, tokenizer):
