@@ -128,8 +128,10 @@ def test_run_resumes_and_stops_on_time(model, tokenizer, tmp_path):
     methods = parse_methods("streaming:40,retrieval:40", 4000)
     jsonl = tmp_path / "cells.jsonl"
     kwargs = dict(jsonl=jsonl, retrieval_settings=SETTINGS, chunk_tokens=256, log=lambda _: None)
-    stopped = run_batched(model, tokenizer, filler, ["single"], [32, 96], methods, trials=3, max_seconds=0.5, **kwargs)
-    assert len(stopped) == 1  # the first unit starts (no estimate yet) and stops after its first distance
+    ticks = iter([0.0, 0.0])  # the start, the check before the first unit; then the time is up
+    stopped = run_batched(model, tokenizer, filler, ["single"], [32, 96], methods, trials=3, max_seconds=10,
+                          clock=lambda: next(ticks, 1e9), **kwargs)  # fmt: skip
+    assert len(stopped) == 1  # the first unit starts and stops after its first distance; no other starts
     first = load_records(jsonl)
     assert {c["distance"] for c in first if c["kind"] == "cell"} == {32}
     records = run_batched(model, tokenizer, filler, ["single"], [32, 96], methods, trials=3, **kwargs)

@@ -372,7 +372,9 @@ class Runner:
         room = distance + len(self.prompt.opening) + len(self.prompt.before) + len(unit.rows[0].block) + QUESTION_ROOM
         return [m for m in unit.methods if m.kind != "dense" or room < m.window]
 
-    def run(self, unit: Unit, distances: list[int], deadline: float | None = None) -> dict:
+    def run(
+        self, unit: Unit, distances: list[int], deadline: float | None = None, clock: Callable[[], float] = time.time
+    ) -> dict:
         """Stream ``unit``'s rows, ask at every distance; returns the stream's cost record."""
         rows, window = unit.rows, unit.window
         variants = sorted({m.kind for m in unit.methods if m.kind in VARIANTS})
@@ -393,7 +395,7 @@ class Runner:
             fed = distance
             if distance in self.missing(unit, distances):
                 self._ask_all(unit, cache, distance, memories)
-            if deadline is not None and time.time() > deadline:
+            if deadline is not None and clock() > deadline:
                 break
         if tap is not None:
             tap.close()
@@ -473,7 +475,7 @@ class Runner:
 
     def _pin(self, unit: Unit, fork: StreamingCache, rows: list[int], memories: list[RetrievalMemory]) -> dict:
         """Pin each row's best passages after the sinks of ``fork``; per-row lookup costs, batch encode cost."""
-        if not len(memories[rows[0]]):
+        if not memories[rows[0]].received:
             return {"lookup_s": 0.0, "encode_s": 0.0, "segment_tokens": 0, "retrieved": [False] * len(rows),
                     "matched": [False] * len(rows)}  # fmt: skip
         began = time.perf_counter()
@@ -526,14 +528,15 @@ def run_batched(
     methods: list[Method], trials: int = 50, seed: int = 0, jsonl: Path | None = None,
     max_seconds: float | None = None, shard: tuple[int, int] = (0, 1), batch_rows: int = 64,
     retrieval_settings: dict | None = None, dense_layer: int | None = None, chunk_tokens: int = 32768,
-    done_from: list[Path] = (), log: Callable[[str], None] = print,
+    done_from: list[Path] = (), log: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
 ) -> list[dict]:  # fmt: skip
     """Run (or resume) the batched recall evaluation; returns the stream cost records of this call.
 
     Args:
         filler: Text the filler is drawn from (at least ``max(distances)`` + 2,200 tokens).
         jsonl: Cells and cost records are appended here.
-        max_seconds: Start no unit after this many seconds, and stop a running one at its next distance.
+        max_seconds: Start no unit that would end after this many seconds (judged from the last unit of its
+            size), and stop a running one after the distance it is at.
         shard: ``(k, n)``: run only units ``u`` with ``u % n == k`` (parallel workers).
         done_from: JSONL files whose cells count as done (other shards, earlier calls).
 
@@ -550,21 +553,21 @@ def run_batched(
     for path in {*done_from, *([jsonl] if jsonl else [])}:
         cells = [c for c in load_records(path) if c.get("kind") == "cell"]
         runner.done |= {(c["family"], c["trial"], c["method"], c["distance"]) for c in cells}
-    began = time.time()
+    began = clock()
     deadline = began + max_seconds if max_seconds is not None else None
     records, took = [], {}
     for u, unit in enumerate(units):
         if u % shard[1] != shard[0] or not runner.missing(unit, distances):
             continue
         estimate = took.get((unit.window, len(unit.rows)), 0.0)
-        if deadline is not None and time.time() + estimate > deadline:
+        if deadline is not None and clock() + estimate > deadline:
             log(f"stopping before {unit.name}: {max_seconds:.0f} s reached (it would take ~{estimate:.0f} s)")
             break
-        record = runner.run(unit, distances, deadline)
+        record = runner.run(unit, distances, deadline, clock)
         took[(unit.window, len(unit.rows))] = record["seconds"]
         records.append(record)
         log(f"{unit.name}: {record['rows']} rows x {record['tokens']} tokens in {record['seconds']:.1f} s "
-            f"(indexing {record['index_seconds']:.1f} s), {time.time() - began:.0f} s elapsed")  # fmt: skip
+            f"(indexing {record['index_seconds']:.1f} s), {clock() - began:.0f} s elapsed")  # fmt: skip
     return records
 
 
@@ -616,3 +619,38 @@ def cell_table(records: list[dict]) -> list[dict]:
                 entry["turn_encode_ms"] = round(1000 * statistics.median(t["encode_s"] for t in timed), 2)
         table.append(entry)
     return table
+
+
+def trial_cells(trials: list[dict]) -> list[dict]:
+    """Rows of the per-trial path (:func:`streaming_llm.eval.recall.recall_vs_distance`) as cells of the
+    ``single`` family (its templates rotate code, date, name as ``single`` does)."""
+    return [{"kind": "cell", "family": "single", **row} for trial in trials for row in trial["rows"]]
+
+
+def markdown(table: list[dict]) -> str:
+    """Per family: accuracy (trials) [Wilson 95%] per method and distance; then the cost of the question turn
+    (one session's turn where it was timed, the batch's per-row share, and the retrieval hit rate)."""
+    lines = []
+    for family in dict.fromkeys(r["family"] for r in table):
+        rows = [r for r in table if r["family"] == family]
+        distances = sorted({r["distance"] for r in rows})
+        cells = {(r["method"], r["distance"]): r for r in rows}
+        methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: (r["window"], r["method"]))))
+        header = ["| method | " + " | ".join(f"d={d:,}" for d in distances) + " |", "|---|" + "---|" * len(distances)]
+        for title, entry in (("accuracy (trials) [Wilson 95%]", _accuracy), ("question turn", _cost)):
+            lines += [f"**{family}: {title}**", "", *header]
+            for method in methods:
+                entries = [entry(cells[(method, d)]) if (method, d) in cells else "–" for d in distances]
+                lines.append(f"| {method} | " + " | ".join(entries) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _accuracy(c: dict) -> str:
+    return f"{100 * c['accuracy']:.0f}% ({c['trials']}) [{100 * c['ci_low']:.0f}–{100 * c['ci_high']:.0f}]"
+
+
+def _cost(c: dict) -> str:
+    turn = f"{c['turn_ms']:.0f} ms" if c.get("turn_ms") is not None else "–"
+    hit = f", hit {100 * c['retrieved']:.0f}%" if "retrieved" in c else ""
+    return f"{turn} (batch {c['batched_turn_ms']:.0f}){hit}"

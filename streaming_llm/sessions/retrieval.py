@@ -201,11 +201,15 @@ class RetrievalMemory:
         self.window_states: torch.Tensor | None = None  # their hidden states (dense)
         self.seen = 0  # track(): tokens reported fed (sinks included)
         self.evicted = 0  # track(): tokens reported evicted
+        self.received = 0  # evicted tokens handed to the index (either way of feeding)
         self.last = RecallReport()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.tap: LayerTap | None = None
         self._ends: frozenset[int] | None = None  # ids of tokens that end a sentence
-        self._matrix: tuple[list[int], torch.Tensor] | None = None  # (rowids, vectors): the dense index in memory
+        self._vector_rows: list[int] = []  # the dense index in memory: rowids and their vectors (float16)
+        self._vectors: list[torch.Tensor] = []
+        self._stacked: torch.Tensor | None = None
+        self._pending: tuple[int, torch.Tensor] | None = None  # while searching: the buffer's passage and vector
         self.db = self._connect()
 
     # HybridMemory compatibility: the session sizes the pinned segment from ``max_tokens``.
@@ -335,6 +339,7 @@ class RetrievalMemory:
         if self.tokenizer is None:
             raise ValueError("attach() the memory to a tokenizer before feeding it.")
         self.buffer.extend(ids)
+        self.received += len(ids)
         if states is not None:
             self.buffer_states = _append(self.buffer_states, states)
         added = False
@@ -381,18 +386,33 @@ class RetrievalMemory:
         stored = _pack(ids) if not isinstance(ids, int) else b""
         tokens = ids if isinstance(ids, int) else len(ids)
         row = self.db.execute("INSERT INTO passages(text, tokens) VALUES (?, ?)", (text, tokens)).lastrowid
-        blob = vector.to(torch.float16).numpy().tobytes() if vector is not None else None
+        blob = None
+        if vector is not None:
+            vector = vector.detach().to(torch.float16).cpu()
+            blob = vector.numpy().tobytes()
+            self._vector_rows.append(row)
+            self._vectors.append(vector)
+            self._stacked = None
         self.db.execute("INSERT INTO spans(rowid, ids, vector) VALUES (?, ?, ?)", (row, stored, blob))
-        self._matrix = None
         if prune:
             self._prune()
 
     def _prune(self) -> None:
         newest = self.db.execute("SELECT max(rowid) FROM passages").fetchone()[0]
         if newest is not None and newest > self.max_passages:
+            oldest = newest - self.max_passages
             for table in ("passages", "spans"):
-                self.db.execute(f"DELETE FROM {table} WHERE rowid <= ?", (newest - self.max_passages,))
-            self._matrix = None
+                self.db.execute(f"DELETE FROM {table} WHERE rowid <= ?", (oldest,))
+            dropped = sum(1 for row in self._vector_rows if row <= oldest)
+            if dropped:
+                del self._vector_rows[:dropped], self._vectors[:dropped]
+                self._stacked = None
+
+    def _load_vectors(self) -> None:
+        rows = self.db.execute("SELECT rowid, vector FROM spans WHERE vector IS NOT NULL ORDER BY rowid").fetchall()
+        self._vector_rows = [row for row, _ in rows]
+        self._vectors = [torch.frombuffer(bytearray(blob), dtype=torch.float16) for _, blob in rows]
+        self._stacked = None
 
     # -- ranking ----------------------------------------------------------------------------------------
     def search(self, message: str, limit: int = 32) -> list[tuple[int, str, int]]:
@@ -409,11 +429,13 @@ class RetrievalMemory:
 
     def dense_search(self, query: torch.Tensor, limit: int = 32) -> list[int]:
         """Rowids of the passages whose pooled states are nearest ``query`` (cosine, index-centred), best first."""
-        if self._matrix is None:
-            rows = self.db.execute("SELECT rowid, vector FROM spans WHERE vector IS NOT NULL ORDER BY rowid").fetchall()
-            vectors = [torch.frombuffer(bytearray(blob), dtype=torch.float16) for _, blob in rows]
-            self._matrix = ([r for r, _ in rows], torch.stack(vectors).float() if vectors else torch.zeros(0, 1))
-        rowids, matrix = self._matrix
+        rowids = list(self._vector_rows)
+        if self._stacked is None and self._vectors:
+            self._stacked = torch.stack(self._vectors).float()
+        matrix = self._stacked if self._vectors else torch.zeros(0, query.shape[-1])
+        if self._pending is not None:  # the evicted tokens not yet in a passage
+            rowids.append(self._pending[0])
+            matrix = torch.cat([matrix, self._pending[1][None].float()])
         if not rowids:
             return []
         centre = matrix.mean(dim=0)
@@ -451,22 +473,44 @@ class RetrievalMemory:
             query: The message's vector (dense scorers; see :func:`query_vectors`).
             newline: Padding token id (default: ``tokenize("\\n")``).
         """
-        began = time.perf_counter()
-        ranked = self.rank(message, query) if len(self) else []
-        matched = bool(ranked)
-        if not ranked:  # nothing matches: show what was evicted last
-            ranked = [r for (r,) in self.db.execute("SELECT rowid FROM spans ORDER BY rowid DESC LIMIT 64")]
-        self.last = RecallReport(query=message, matched=matched, lookup_seconds=time.perf_counter() - began)
-        if not ranked:
+        if not self.received:
+            self.last = RecallReport(query=message)
             return []
-        head, tail = (tokenize(part) for part in self.frame.split("{passages}"))
-        spans = self._pack(ranked, len(head) + len(tail), tokenize)
+        began = time.perf_counter()
+        pending = self._insert_pending()  # the evicted tokens not yet in a passage are searchable too
+        try:
+            ranked = self.rank(message, query)
+            matched = bool(ranked)
+            if not ranked:  # nothing matches: show what was evicted last
+                ranked = [r for (r,) in self.db.execute("SELECT rowid FROM spans ORDER BY rowid DESC LIMIT 64")]
+            self.last = RecallReport(query=message, matched=matched, lookup_seconds=time.perf_counter() - began)
+            head, tail = (tokenize(part) for part in self.frame.split("{passages}"))
+            spans = self._pack(ranked, len(head) + len(tail), tokenize)
+        finally:
+            if pending is not None:
+                for table in ("passages", "spans"):
+                    self.db.execute(f"DELETE FROM {table} WHERE rowid = ?", (pending,))
+                self._pending = None
         body = [i for k, span in enumerate(spans) for i in (tokenize(SEPARATOR) if k else []) + span]
         ids = (head + body + tail)[: self.budget]
         pad = newline if newline is not None else tokenize("\n")[0]
         self.last.passages = [self.tokenizer.decode(span).strip() if self.tokenizer else "" for span in spans]
         self.last.tokens = self.budget
         return [pad] * (self.budget - len(ids)) + ids
+
+    def _insert_pending(self) -> int | None:
+        """Index the buffer's tokens that no passage holds yet as a temporary passage; its rowid (or None)."""
+        if len(self.buffer) <= self.overlap:
+            return None
+        text = self.tokenizer.decode(self.buffer, skip_special_tokens=True) if self.tokenizer else ""
+        if not text.strip():
+            return None
+        row = (self.db.execute("SELECT max(rowid) FROM passages").fetchone()[0] or 0) + 1
+        self.db.execute("INSERT INTO passages(rowid, text, tokens) VALUES (?, ?, ?)", (row, text, len(self.buffer)))
+        self.db.execute("INSERT INTO spans(rowid, ids) VALUES (?, ?)", (row, _pack(self.buffer)))
+        if self.buffer_states is not None and self.dense:
+            self._pending = (row, self.buffer_states.mean(dim=0))
+        return row
 
     def _pack(self, ranked: list[int], frame: int, tokenize: Callable[[str], list[int]]) -> list[list[int]]:
         """Chosen passages (best first while they fit), as merged spans of ids in reading order."""
@@ -503,12 +547,13 @@ class RetrievalMemory:
         """Pin the passages that best match ``message`` after the sinks of ``session``'s cache."""
         if self.tokenizer is None:
             self.tokenizer = session.tokenizer
-        if session.cache.seen_tokens < session.cache.start_size or (not len(self) and not session.cache.segment_len):
+        cache = session.cache
+        if cache.seen_tokens < cache.start_size or (not self.received and not cache.segment_len):
             self.last = RecallReport(query=message)
-            return  # nothing indexed yet (or no sinks to pin after): nothing to do
+            return  # nothing evicted yet (or no sinks to pin after): nothing to do
         began = time.perf_counter()
         query = None
-        if self.dense and len(self):
+        if self.dense and self.received:
             query = query_vectors(session.model, session.sink_ids, [session._tokens(message)], self.dense_layer)[0]
         lookup = time.perf_counter() - began
         ids = self.segment(message, session._tokens, query)
@@ -536,7 +581,7 @@ class RetrievalMemory:
             "index": torch.frombuffer(bytearray(data), dtype=torch.uint8),
             "buffer": torch.tensor(self.buffer, dtype=torch.int64),
             "window": torch.tensor(self.window, dtype=torch.int64),
-            "counters": torch.tensor([self.seen, self.evicted], dtype=torch.int64),
+            "counters": torch.tensor([self.seen, self.evicted, self.received], dtype=torch.int64),
         }
         for name in ("buffer_states", "window_states"):
             if getattr(self, name) is not None:
@@ -564,10 +609,14 @@ class RetrievalMemory:
         except (sqlite3.DatabaseError, KeyError) as error:
             raise ValueError(f"The saved retrieval index is unreadable: {error}") from None
         self.db.close()
-        self.db, self._matrix = db, None
+        self.db = db
+        self._load_vectors()
         self.buffer = tensors["buffer"].tolist() if "buffer" in tensors else []
         self.window = tensors["window"].tolist() if "window" in tensors else []
-        self.seen, self.evicted = tensors["counters"].tolist() if "counters" in tensors else (0, 0)
+        counters = tensors["counters"].tolist() if "counters" in tensors else [0, 0]
+        self.seen, self.evicted = counters[:2]
+        # (a state saved before `received` existed: everything indexed or buffered was received)
+        self.received = counters[2] if len(counters) > 2 else len(self) + len(self.buffer)
         self.buffer_states = tensors["buffer_states"].float().cpu() if "buffer_states" in tensors else None
         self.window_states = tensors["window_states"].float().cpu() if "window_states" in tensors else None
 
