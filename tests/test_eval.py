@@ -160,3 +160,28 @@ def test_eval_text_defaults_to_the_packaged_shakespeare(tmp_path):
     assert _text(build_parser().parse_args(["eval", "ppl", "--text", str(small)])) == "a compressed text"
     with pytest.raises(FileNotFoundError, match="--text"):
         _text(build_parser().parse_args(["eval", "ppl", "--text", str(tmp_path / "missing.txt")]))
+
+
+def test_cli_eval_recall_runs_families_batched_and_hybrid_per_trial(tmp_path):
+    """The real model, a few trials: batched cells for two families, one hybrid trial, one report over both."""
+    out = tmp_path / "recall"
+    command = [
+        sys.executable, "-m", "streaming_llm.cli", "eval", "recall", "--families", "single,multikey", "--trials", "1",
+        "--distances", "64,320", "--methods", "streaming:256,retrieval-sent:256,hybrid:256", "--hybrid-trials", "1",
+        "--hybrid-max-distance", "64", "--offset-chars", "500000", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads((out / "recall.json").read_text())
+    cells = {(r["family"], r["method"], r["distance"]): r["trials"] for r in payload["accuracy"]}
+    for family in ("single", "multikey"):
+        for method in ("streaming:256", "retrieval-sent:256"):
+            assert cells[(family, method, 64)] == 1 and cells[(family, method, 320)] == 1
+    assert cells[("single", "hybrid:256", 64)] == 1 and payload["hybrid_trials_finished"] == 1
+    assert {c["stream"] for c in payload["stream_costs"]} >= {"single:256", "multikey:256"}
+    assert "**multikey: accuracy (trials) [Wilson 95%]**" in (out / "recall.md").read_text()
+    assert (out / "recall.png").stat().st_size > 0
+    # Resumed: nothing is missing, so nothing runs again and the report is the same.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "recall.json").read_text())["accuracy"] == payload["accuracy"]

@@ -621,6 +621,22 @@ def cell_table(records: list[dict]) -> list[dict]:
     return table
 
 
+def stream_summary(records: list[dict]) -> list[dict]:
+    """Filler streamed per (family, window): tokens (all rows), seconds, seconds spent indexing, tokens/s."""
+    totals: dict[tuple, list[float]] = {}
+    for r in records:
+        if r.get("kind") == "stream":
+            total = totals.setdefault((r["family"], r["window"]), [0, 0.0, 0.0])
+            total[0] += r["tokens"] * r["rows"]
+            total[1] += r["seconds"]
+            total[2] += r["index_seconds"]
+    return [
+        {"stream": f"{family}:{window}", "tokens": int(t), "seconds": round(seconds, 1),
+         "index_seconds": round(index, 1), "tokens_per_s": round(t / max(seconds, 1e-9))}
+        for (family, window), (t, seconds, index) in sorted(totals.items())
+    ]  # fmt: skip
+
+
 def trial_cells(trials: list[dict]) -> list[dict]:
     """Rows of the per-trial path (:func:`streaming_llm.eval.recall.recall_vs_distance`) as cells of the
     ``single`` family (its templates rotate code, date, name as ``single`` does)."""
