@@ -16,6 +16,7 @@ import streaming_llm
 from streaming_llm.eval.perplexity import (
     dense_nll,
     nll_by_method,
+    paired_ratio,
     perplexity,
     recompute_nll,
     streaming_nll,
@@ -67,6 +68,22 @@ def test_nll_by_method_runs_all_methods_on_the_same_tokens(model):
     assert all(v.shape == (299,) for v in out.values())
     with pytest.raises(ValueError, match="Unknown methods"):
         nll_by_method(model, IDS, methods=("magic",))
+
+
+def test_paired_ratio_is_the_perplexity_ratio_with_a_paired_interval():
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.rand(2000, generator=generator) * 4
+    noise = torch.randn(2000, generator=generator) * 0.1
+    nll = reference + 0.05 + noise
+    nll[::7] = float("nan")  # positions one method did not score are left out
+    result = paired_ratio(nll, reference)
+    both = ~nll.isnan()
+    assert math.isclose(result["ratio"], perplexity(nll[both]) / perplexity(reference[both]), rel_tol=1e-9)
+    diff = (nll[both] - reference[both]).double()
+    half = 1.96 * float(diff.std()) / math.sqrt(int(both.sum()))  # the textbook normal interval of the mean
+    assert math.isclose(math.log(result["ci_high"]) - math.log(result["ratio"]), half, rel_tol=1e-3)
+    assert result["ci_low"] < math.exp(0.05) < result["ci_high"] and result["positions"] == int(both.sum())
+    assert result["ci_high"] - result["ci_low"] < 0.02  # paired: far narrower than the spread of either
 
 
 def test_perplexity_helpers():

@@ -98,6 +98,10 @@ def test_units_are_grouped_and_ordered(tokenizer, filler_ids):
     assert sum(len(u.rows) for u in single_1024) == 9 and max(len(u.rows) for u in single_1024) == 2
     assert all(len({r.fact.template for r in u.rows}) == 1 for u in units)
     assert [u.timed for u in single_1024].count(True) == 1 and not any(u.timed for u in units if u.family != "single")
+    # The dense unit's cache (and its copy) is rows x window slots: bounded by max_slots.
+    wide = plan_units(["multikey"], 9, methods, [64], tokenizer, filler_ids, batch_rows=64, max_slots=3 * 8184)
+    assert [len(u.rows) for u in wide if u.window == 8184] == [3, 3, 3]
+    assert [len(u.rows) for u in wide if u.window == 1024] == [9]
     with pytest.raises(ValueError, match="hybrid"):
         parse_methods("hybrid:256", 8184)
 

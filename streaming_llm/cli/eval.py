@@ -70,6 +70,11 @@ def add_parser(subparsers) -> None:
     recall.add_argument("--report-only", action="store_true", help="run nothing; tabulate the JSONL files in --out")
     recall.add_argument("--batch-rows", type=int, default=64, help="most trials streamed together as rows of a batch")
     recall.add_argument("--chunk-tokens", type=int, default=32768, help="tokens per batched forward (rows x chunk)")
+    recall.add_argument("--max-slots", type=int, default=131072, help="most rows x window per batch (memory bound)")
+    recall.add_argument(
+        "--tf32", action="store_true",
+        help="let float32 matmuls use TF32 tensor cores on CUDA (faster; recorded in the results' meta)",
+    )  # fmt: skip
     recall.add_argument("--dense-layer", type=int, default=None, help="retrieval-dense/fused: layer (default: middle)")
     recall.add_argument("--hybrid-trials", type=int, default=None, help="hybrid: trials (default --trials)")
     recall.add_argument("--hybrid-max-distance", type=int, default=1024, help="hybrid: longest distance (it is slow)")
@@ -150,7 +155,7 @@ def _meta(args: argparse.Namespace, model, seconds: float, tokens: int) -> dict:
         "model": getattr(model.config, "_name_or_path", "") or "embedded SmolLM2-135M-Instruct",
         "text": str(args.text or "packaged shakespeare.txt.gz") if hasattr(args, "text") else None,
         "offset_chars": getattr(args, "offset_chars", 0), "tokens": tokens,
-        "seconds": round(seconds, 1),
+        "matmul_precision": torch.get_float32_matmul_precision(), "seconds": round(seconds, 1),
     }  # fmt: skip
 
 
@@ -167,7 +172,7 @@ def _write(out: Path, name: str, payload: dict, table: list[dict] | None = None)
 
 def run_ppl(args: argparse.Namespace) -> int:
     from ..eval import plots
-    from ..eval.perplexity import nll_by_method, perplexity, windowed_perplexity
+    from ..eval.perplexity import nll_by_method, paired_ratio, perplexity, windowed_perplexity
 
     model, tokenizer = load(args)
     ids = _ids(args, tokenizer)
@@ -183,6 +188,8 @@ def run_ppl(args: argparse.Namespace) -> int:
         summary[method] = {"ppl": perplexity(values)}
         if scored is not None:
             summary[method]["ppl_on_recompute_positions"] = perplexity(values[scored])
+            if method != "recompute":  # paired over the same positions, with a 95% interval
+                summary[method]["vs_recompute"] = paired_ratio(values, nll["recompute"])
     curves = {m: windowed_perplexity(v, args.slice) for m, v in nll.items() if m != "recompute"}
     slices = len(next(iter(curves.values()))) if curves else 0
     table = [{"to_token": (i + 1) * args.slice, **{m: c[i] for m, c in curves.items()}} for i in range(slices)]
@@ -199,8 +206,14 @@ def run_ppl(args: argparse.Namespace) -> int:
         title = f"Running perplexity, cache {args.start_size}+{args.recent_size}"
         plots.running_ppl(curves, args.slice, args.out / "ppl_running.png", title, model.config.max_position_embeddings)
     for method, values in summary.items():
-        print(f"{method:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+        print(f"{method:>10}: " + ", ".join(f"{k} {_show(v)}" for k, v in values.items()))
     return 0
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()) + "}"
+    return f"{value:.3f}"
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -259,6 +272,10 @@ def _run_recall(args: argparse.Namespace, shard: tuple[int, int], began: float):
     from ..sessions.memory import HybridMemory
 
     model, tokenizer = load(args)
+    if args.tf32:
+        import torch
+
+        torch.set_float32_matmul_precision("high")
     dense_window = model.config.max_position_embeddings - 8
     specs = [m.strip() for m in args.methods.split(",") if m.strip()]
     hybrid = [m for m in specs if m.startswith("hybrid")]
@@ -273,7 +290,8 @@ def _run_recall(args: argparse.Namespace, shard: tuple[int, int], began: float):
             model, tokenizer, text, args.families.split(","), distances, batched, args.trials, args.seed,
             args.out / f"recall_cells.{name}.jsonl", args.max_seconds, shard, args.batch_rows,
             {"budget": args.budget, "passage_tokens": args.passage_tokens}, args.dense_layer, args.chunk_tokens,
-            sorted(args.out.glob("recall_cells.*.jsonl")), log=lambda line: print(line, file=sys.stderr, flush=True),
+            args.max_slots, sorted(args.out.glob("recall_cells.*.jsonl")),
+            log=lambda line: print(line, file=sys.stderr, flush=True),
         )  # fmt: skip
     left = None if args.max_seconds is None else args.max_seconds - (time.time() - began)
     if hybrid and (left is None or left > 0):

@@ -264,8 +264,13 @@ class Unit:
 def plan_units(
     families: list[str], trials: int, methods: list[Method], distances: list[int], tokenizer: PreTrainedTokenizerBase,
     filler_ids: list[int], seed: int = 0, batch_rows: int = 64, timed_families: tuple[str, ...] = ("single",),
+    max_slots: int = 131072,
 ) -> list[Unit]:  # fmt: skip
-    """Units in the order they should run: per family, the retrieval windows first, dense last."""
+    """Units in the order they should run: per family, the retrieval windows first, dense last.
+
+    A unit holds at most ``batch_rows`` rows, and at most ``max_slots // window`` (the cache of a unit, and its
+    copy while a question is asked, hold ``rows x window`` token slots per layer).
+    """
     prompt = Prompt.build(tokenizer)
     windows = sorted({m.window for m in methods}, key=lambda w: (w == _dense(methods), not _has_memory(methods, w)))
     units = []
@@ -277,9 +282,10 @@ def plan_units(
         for window in windows:
             served = [m for m in methods if m.window == window]
             timed = family in timed_families
+            size = max(1, min(batch_rows, max_slots // window))
             for group in groups.values():
-                for start in range(0, len(group), batch_rows):
-                    units.append(Unit(family, group[start : start + batch_rows], window, served, timed))
+                for start in range(0, len(group), size):
+                    units.append(Unit(family, group[start : start + size], window, served, timed))
                     timed = False
     return units
 
@@ -528,7 +534,8 @@ def run_batched(
     methods: list[Method], trials: int = 50, seed: int = 0, jsonl: Path | None = None,
     max_seconds: float | None = None, shard: tuple[int, int] = (0, 1), batch_rows: int = 64,
     retrieval_settings: dict | None = None, dense_layer: int | None = None, chunk_tokens: int = 32768,
-    done_from: list[Path] = (), log: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
+    max_slots: int = 131072, done_from: list[Path] = (), log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.time,
 ) -> list[dict]:  # fmt: skip
     """Run (or resume) the batched recall evaluation; returns the stream cost records of this call.
 
@@ -538,6 +545,7 @@ def run_batched(
         max_seconds: Start no unit that would end after this many seconds (judged from the last unit of its
             size), and stop a running one after the distance it is at.
         shard: ``(k, n)``: run only units ``u`` with ``u % n == k`` (parallel workers).
+        max_slots: Most ``rows x window`` per unit (bounds the memory of the dense, 8k-window units).
         done_from: JSONL files whose cells count as done (other shards, earlier calls).
 
     Raises:
@@ -548,7 +556,9 @@ def run_batched(
     filler_ids = _encode(tokenizer, filler[: need * 12])
     if len(filler_ids) < need:
         raise ValueError(f"The filler text has {len(filler_ids)} tokens; distance {longest} needs {need}.")
-    units = plan_units(families, trials, methods, distances, tokenizer, filler_ids, seed, batch_rows)
+    units = plan_units(
+        families, trials, methods, distances, tokenizer, filler_ids, seed, batch_rows, max_slots=max_slots
+    )
     runner = Runner(model, tokenizer, jsonl, retrieval_settings or {}, dense_layer, chunk_tokens)
     for path in {*done_from, *([jsonl] if jsonl else [])}:
         cells = [c for c in load_records(path) if c.get("kind") == "cell"]

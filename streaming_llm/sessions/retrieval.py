@@ -500,7 +500,8 @@ class RetrievalMemory:
 
     def _insert_pending(self) -> int | None:
         """Index the buffer's tokens that no passage holds yet as a temporary passage; its rowid (or None)."""
-        if len(self.buffer) <= self.overlap:
+        carried = self.overlap if self.received > len(self.buffer) else 0  # the last passage's tail opens the buffer
+        if len(self.buffer) <= carried:
             return None
         text = self.tokenizer.decode(self.buffer, skip_special_tokens=True) if self.tokenizer else ""
         if not text.strip():
@@ -661,11 +662,16 @@ def encode_segments(
 
 @torch.no_grad()
 def query_vectors(model: PreTrainedModel, sink_ids: list[int], rows: list[list[int]], layer: int) -> torch.Tensor:
-    """Mean hidden state at the output of decoder layer ``layer`` over each row's tokens (all rows of
-    equal length), read after the sinks: ``(len(rows), hidden)``, float32 on the CPU."""
+    """Mean hidden state at the output of decoder layer ``layer`` (what :class:`LayerTap` keeps) over each row's
+    tokens (all rows of equal length), read after the sinks: ``(len(rows), hidden)``, float32 on the CPU."""
     input_ids = torch.tensor([list(sink_ids) + list(row) for row in rows], device=model.device)
-    out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-    return out.hidden_states[layer + 1][:, len(sink_ids) :].float().mean(dim=1).cpu()
+    tap = LayerTap(model, layer)
+    try:
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        states = tap.take()
+    finally:
+        tap.close()
+    return states[:, len(sink_ids) :].mean(dim=1)
 
 
 def install_segment(model: PreTrainedModel, cache: StreamingCache, sink_ids: list[int], ids: list[int]) -> None:
