@@ -77,6 +77,7 @@ case "$stage" in
         echo "seed W=$W: end at $(( $(date +%s) - began )) s"
       done
     ) > "$logs/seed.log" 2>&1 &
+    pids=$!
     stop=$(( $(left) - 45 ))  # room for the report and the tarball
     methods=dense,streaming:256,streaming:1024,retrieval:1024,retrieval-sent:1024,retrieval-dense:1024,retrieval-fused:1024
     for k in 0 1; do
@@ -84,12 +85,14 @@ case "$stage" in
         --methods $methods --trials "$trials" --distances "$distances" --dense-layer 15 --tf32 \
         --shard $k/2 --max-seconds $stop --device "$device" --dtype float32 --no-progress --out $r/recall \
         > "$logs/recall.$k.log" 2>&1 &
+      pids="$pids $!"
     done
     timeout "$(left)" python -m streaming_llm.cli eval recall --model "$model" --methods hybrid:256 \
       --trials "${HYBRID_TRIALS:-50}" --distances 64,256,1024 --hybrid-max-distance 1024 --update-every 512 \
       --summary-tokens 96 --max-seconds $stop --device "$device" --dtype float32 --no-progress --out $r/recall \
       > "$logs/hybrid.log" 2>&1 &
-    wait
+    pids="$pids $!"
+    wait $pids || true  # (not a bare `wait`: it would wait for the log's tee too)
     echo "all workers done at $(( $(date +%s) - began )) s"
     python -m streaming_llm.cli eval recall --report-only --out $r/recall > "$logs/report.log" 2>&1 || true
     python benchmarks/seed_table.py $r/seed > "$logs/seed_table.log" 2>&1 || true
