@@ -159,6 +159,7 @@ def test_real_model_answers_a_fact_20k_tokens_back_only_with_retrieval(smollm, s
     print(f"with retrieval: {with_retrieval!r}; without: {without!r}; pinned: {memory.last.passages}")
     assert "4817" in with_retrieval
     assert "4817" not in without
+    assert not any("<|im_start|>" in passage for passage in memory.last.passages)  # no chat markup is pinned
 
 
 class _Counters:

@@ -486,6 +486,8 @@ class RetrievalMemory:
             self.last = RecallReport(query=message, matched=matched, lookup_seconds=time.perf_counter() - began)
             head, tail = (tokenize(part) for part in self.frame.split("{passages}"))
             spans = self._pack(ranked, len(head) + len(tail), tokenize)
+            special = set(self.tokenizer.all_special_ids) if self.tokenizer is not None else set()
+            spans = [[i for i in span if i not in special] for span in spans]  # no chat markup inside the memory
         finally:
             if pending is not None:
                 for table in ("passages", "spans"):
