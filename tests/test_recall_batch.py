@@ -37,7 +37,7 @@ def filler_ids(tokenizer) -> list[int]:
     return tokenizer(read_text()[200_000:260_000], add_special_tokens=False)["input_ids"]
 
 
-def _session_answer(model, tokenizer, row, window, distance, variant_settings=None):
+def _session_answer(model, tokenizer, row, window, distance, variant_settings=None, tokens=24, stop=("\n",)):
     """The same trial through the public session path: ingest the document, fork, ask."""
     memory = RetrievalMemory(**{**SETTINGS, **variant_settings}) if variant_settings is not None else None
     session = StreamingSession(model, tokenizer, "You are a helpful assistant.", recent_size=window, memory=memory)
@@ -48,7 +48,7 @@ def _session_answer(model, tokenizer, row, window, distance, variant_settings=No
     clone.feed(session._tokens(after))
     if memory is not None:
         memory.recall(clone, row.question)
-    answer = clone.chat(row.question, 24, stop=("\n",)).strip()
+    answer = clone.chat(row.question, tokens, stop=stop).strip()
     return answer, (memory.last.passages if memory is not None else None)
 
 
@@ -68,6 +68,55 @@ def test_a_batch_row_answers_as_the_session_does(model, tokenizer, filler_ids, t
         if passages is not None:  # the same passages were pinned (the fact was evicted ~140 tokens ago)
             assert cell["segment_tokens"] == SETTINGS["budget"] and passages
             assert cell["retrieved"] == row.fact.judge("\n".join(passages))
+
+
+def test_multivalue_answers_are_not_cut_at_a_line_break(model, tokenizer, filler_ids, tmp_path):
+    rows = build_rows("multivalue", 2, 0, tokenizer, filler_ids, 100)
+    runner = Runner(model, tokenizer, tmp_path / "cells.jsonl", chunk_tokens=2 * 400)
+    runner.run(Unit("multivalue", rows, 40, parse_methods("streaming:40", 4000)), [100])
+    cells = [r for r in load_records(tmp_path / "cells.jsonl") if r["kind"] == "cell"]
+    for row, cell in zip(rows, cells, strict=True):
+        assert cell["answer"] == _session_answer(model, tokenizer, row, 40, 100, tokens=64, stop=())[0]
+
+
+def test_greedy_answers_stop_at_end_of_turn_and_optionally_at_a_line_break(tokenizer):
+    from types import SimpleNamespace
+
+    from streaming_llm.eval.recall_batch import greedy_answers
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = [ids("Yes") + ids("\n") + ids("1234") + [eos], ids("No") + ids(" way") + [eos]]
+    rows[1] += [eos] * (len(rows[0]) - len(rows[1]))
+    steps = list(zip(*rows, strict=True))  # the token each row picks at each step
+
+    class Scripted:  # a "model" that picks the scripted tokens
+        generation_config = SimpleNamespace(eos_token_id=eos)
+
+        def __init__(self):
+            self.step = 0
+
+        def forward(self, input_ids=None, position_ids=None, use_cache=None, logits_to_keep=None, cache=None):
+            self.step += 1
+            return SimpleNamespace(logits=_onehot(steps[self.step])[:, None])
+
+        __call__ = forward
+
+    def _onehot(tokens):
+        logits = torch.zeros(len(tokens), len(tokenizer))
+        logits[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+        return logits
+
+    cache = SimpleNamespace(position_ids=lambda n, device=None: torch.arange(n)[None])
+
+    def answers(tokens, one_line=True):
+        return greedy_answers(Scripted(), tokenizer, cache, _onehot(steps[0]), tokens, one_line)
+
+    assert answers(10) == ["Yes", "No way"]  # cut at the line break; end-of-turn is never part of a reply
+    assert answers(10, one_line=False) == ["Yes\n1234", "No way"]
+    assert answers(2, one_line=False) == ["Yes", "No way"]  # at most 2 tokens
 
 
 def test_rows_of_a_family_share_lengths_and_plant_the_needles(tokenizer, filler_ids):

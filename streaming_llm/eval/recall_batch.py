@@ -61,7 +61,7 @@ VARIANTS: dict[str, dict] = {
     "retrieval-dense": {"scorer": "dense"},
     "retrieval-fused": {"scorer": "fused"},
 }
-ANSWER_TOKENS = {"single": 24, "multikey": 24, "multivalue": 64}
+ANSWER_TOKENS = {"single": 24, "multikey": 24, "multivalue": 64}  # single and multikey answers end at a line break
 LEAD_TOKENS = {"single": 64, "multikey": 2048, "multivalue": 2048}  # filler around the needles before the target
 # Single tokens for SmolLM2 (any tokenizer works: questions are grouped by their length).
 # fmt: off
@@ -327,11 +327,12 @@ def newline_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
 @torch.no_grad()
 def greedy_answers(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: StreamingCache, logits: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int, one_line: bool = True,
 ) -> list[str]:  # fmt: skip
-    """Greedy replies of every row from ``logits`` ``(rows, vocab)``, each cut at end-of-turn or a line break
-    (what a session's ``chat(question, max_new_tokens, stop=("\\n",))`` returns)."""
-    stops, breaks = eos_ids(model, tokenizer), newline_ids(tokenizer)
+    """Greedy replies of every row from ``logits`` ``(rows, vocab)``, each cut at end-of-turn and (``one_line``) at
+    a line break: what a session's ``chat(question, max_new_tokens, stop=("\\n",))`` (or ``stop=()``) returns."""
+    stops = eos_ids(model, tokenizer)
+    breaks = newline_ids(tokenizer) if one_line else frozenset()
     tokens: list[list[int]] = [[] for _ in range(logits.shape[0])]
     done = [False] * logits.shape[0]
     for step in range(max_new_tokens):
@@ -345,7 +346,8 @@ def greedy_answers(
         if all(done) or step == max_new_tokens - 1:
             break
         logits = _forward(model, cache, chosen[:, None])
-    return [tokenizer.decode(t, skip_special_tokens=True).split("\n")[0].strip() for t in tokens]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return [(text.split("\n")[0] if one_line else text).strip() for text in texts]
 
 
 @dataclass
@@ -474,7 +476,8 @@ class Runner:
             costs = self._pin(unit, fork, rows, memories[method.kind])
         questions = [self.prompt.question(self.tokenizer, unit.rows[r].question) for r in rows]
         logits = _forward(self.model, fork, torch.tensor(questions, device=device))
-        answers = greedy_answers(self.model, self.tokenizer, fork, logits, ANSWER_TOKENS[unit.family])
+        one_line = unit.family != "multivalue"  # a list of numbers may come one per line
+        answers = greedy_answers(self.model, self.tokenizer, fork, logits, ANSWER_TOKENS[unit.family], one_line)
         _sync(device)
         costs["turn_s"] = round((time.perf_counter() - began) / len(rows), 5)  # per row (amortised over the batch)
         return answers, costs
