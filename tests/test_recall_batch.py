@@ -141,8 +141,9 @@ def test_rows_of_a_family_share_lengths_and_plant_the_needles(tokenizer, filler_
 def test_units_are_grouped_and_ordered(tokenizer, filler_ids):
     methods = parse_methods("dense,streaming:256,streaming:1024,retrieval:1024", 8184)
     units = plan_units(["single", "multikey"], 9, methods, [64, 1024], tokenizer, filler_ids, batch_rows=2)
-    windows = [(u.family, u.window) for u in units]
-    assert windows[0] == ("single", 1024) and windows[-1] == ("multikey", 8184)  # retrieval first, dense last
+    order = list(dict.fromkeys((u.window, u.family) for u in units))
+    assert order == [(1024, "single"), (1024, "multikey"), (8184, "single"), (8184, "multikey"), (256, "single"),
+                     (256, "multikey")]  # the memory's window first, then dense, then the baselines  # fmt: skip
     single_1024 = [u for u in units if u.family == "single" and u.window == 1024]
     assert sum(len(u.rows) for u in single_1024) == 9 and max(len(u.rows) for u in single_1024) == 2
     assert all(len({r.fact.template for r in u.rows}) == 1 for u in units)

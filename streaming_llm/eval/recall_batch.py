@@ -266,24 +266,28 @@ def plan_units(
     filler_ids: list[int], seed: int = 0, batch_rows: int = 64, timed_families: tuple[str, ...] = ("single",),
     max_slots: int = 131072,
 ) -> list[Unit]:  # fmt: skip
-    """Units in the order they should run: per family, the retrieval windows first, dense last.
+    """Units in the order they should run: the windows with a memory first (every family), then dense, then the
+    other windows (plain-streaming baselines), so what a cut run loses first is the cheapest to argue about.
 
     A unit holds at most ``batch_rows`` rows, and at most ``max_slots // window`` (the cache of a unit, and its
     copy while a question is asked, hold ``rows x window`` token slots per layer).
     """
     prompt = Prompt.build(tokenizer)
-    windows = sorted({m.window for m in methods}, key=lambda w: (w == _dense(methods), not _has_memory(methods, w)))
-    units = []
+    dense = _dense(methods)
+    windows = sorted({m.window for m in methods}, key=lambda w: (not _has_memory(methods, w), w != dense))
+    groups: dict[str, list[list[Row]]] = {}
     for family in families:
-        rows = build_rows(family, trials, seed, tokenizer, filler_ids, max(distances))
-        groups: dict[int, list[Row]] = {}
-        for row in rows:
-            groups.setdefault(len(prompt.question(tokenizer, row.question)), []).append(row)
-        for window in windows:
-            served = [m for m in methods if m.window == window]
+        by_length: dict[int, list[Row]] = {}
+        for row in build_rows(family, trials, seed, tokenizer, filler_ids, max(distances)):
+            by_length.setdefault(len(prompt.question(tokenizer, row.question)), []).append(row)
+        groups[family] = list(by_length.values())
+    units = []
+    for window in windows:
+        served = [m for m in methods if m.window == window]
+        size = max(1, min(batch_rows, max_slots // window))
+        for family in families:
             timed = family in timed_families
-            size = max(1, min(batch_rows, max_slots // window))
-            for group in groups.values():
+            for group in groups[family]:
                 for start in range(0, len(group), size):
                     units.append(Unit(family, group[start : start + size], window, served, timed))
                     timed = False
