@@ -549,8 +549,8 @@ def run_batched(
     Args:
         filler: Text the filler is drawn from (at least ``max(distances)`` + 2,200 tokens).
         jsonl: Cells and cost records are appended here.
-        max_seconds: Start no unit that would end after this many seconds (judged from the last unit of its
-            size), and stop a running one after the distance it is at.
+        max_seconds: Start no unit that would end after this many seconds (judged from the speed of the units
+            run so far), and stop a running one after the distance it is at.
         shard: ``(k, n)``: run only units ``u`` with ``u % n == k`` (parallel workers).
         max_slots: Most ``rows x window`` per unit (bounds the memory of the dense, 8k-window units).
         done_from: JSONL files whose cells count as done (other shards, earlier calls).
@@ -572,16 +572,18 @@ def run_batched(
         runner.done |= {(c["family"], c["trial"], c["method"], c["distance"]) for c in cells}
     began = clock()
     deadline = began + max_seconds if max_seconds is not None else None
-    records, took = [], {}
+    records, streamed, spent = [], 0, 0.0  # row-tokens streamed and seconds taken by the units of this call
     for u, unit in enumerate(units):
         if u % shard[1] != shard[0] or not runner.missing(unit, distances):
             continue
-        estimate = took.get((unit.window, len(unit.rows)), 0.0)
+        longest = max((d for d in distances if runner._fits(unit, d)), default=0)
+        size = len(unit.rows) * (len(unit.rows[0].block) + longest)
+        estimate = size * spent / streamed if streamed else 0.0  # (the first unit: no estimate, it starts)
         if deadline is not None and clock() + estimate > deadline:
-            log(f"stopping before {unit.name}: {max_seconds:.0f} s reached (it would take ~{estimate:.0f} s)")
-            break
+            log(f"skipping {unit.name}: it would take ~{estimate:.0f} s, {deadline - clock():.0f} s left")
+            continue  # a smaller unit later may still fit
         record = runner.run(unit, distances, deadline, clock)
-        took[(unit.window, len(unit.rows))] = record["seconds"]
+        streamed, spent = streamed + record["rows"] * record["tokens"], spent + record["seconds"]
         records.append(record)
         log(f"{unit.name}: {record['rows']} rows x {record['tokens']} tokens in {record['seconds']:.1f} s "
             f"(indexing {record['index_seconds']:.1f} s), {clock() - began:.0f} s elapsed")  # fmt: skip
