@@ -16,6 +16,7 @@ import streaming_llm
 from streaming_llm.eval.perplexity import (
     dense_nll,
     nll_by_method,
+    paired_ratio,
     perplexity,
     recompute_nll,
     streaming_nll,
@@ -67,6 +68,22 @@ def test_nll_by_method_runs_all_methods_on_the_same_tokens(model):
     assert all(v.shape == (299,) for v in out.values())
     with pytest.raises(ValueError, match="Unknown methods"):
         nll_by_method(model, IDS, methods=("magic",))
+
+
+def test_paired_ratio_is_the_perplexity_ratio_with_a_paired_interval():
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.rand(2000, generator=generator) * 4
+    noise = torch.randn(2000, generator=generator) * 0.1
+    nll = reference + 0.05 + noise
+    nll[::7] = float("nan")  # positions one method did not score are left out
+    result = paired_ratio(nll, reference)
+    both = ~nll.isnan()
+    assert math.isclose(result["ratio"], perplexity(nll[both]) / perplexity(reference[both]), rel_tol=1e-9)
+    diff = (nll[both] - reference[both]).double()
+    half = 1.96 * float(diff.std()) / math.sqrt(int(both.sum()))  # the textbook normal interval of the mean
+    assert math.isclose(math.log(result["ci_high"]) - math.log(result["ratio"]), half, rel_tol=1e-3)
+    assert result["ci_low"] < math.exp(0.05) < result["ci_high"] and result["positions"] == int(both.sum())
+    assert result["ci_high"] - result["ci_low"] < 0.02  # paired: far narrower than the spread of either
 
 
 def test_perplexity_helpers():
@@ -160,3 +177,28 @@ def test_eval_text_defaults_to_the_packaged_shakespeare(tmp_path):
     assert _text(build_parser().parse_args(["eval", "ppl", "--text", str(small)])) == "a compressed text"
     with pytest.raises(FileNotFoundError, match="--text"):
         _text(build_parser().parse_args(["eval", "ppl", "--text", str(tmp_path / "missing.txt")]))
+
+
+def test_cli_eval_recall_runs_families_batched_and_hybrid_per_trial(tmp_path):
+    """The real model, a few trials: batched cells for two families, one hybrid trial, one report over both."""
+    out = tmp_path / "recall"
+    command = [
+        sys.executable, "-m", "streaming_llm.cli", "eval", "recall", "--families", "single,multikey", "--trials", "1",
+        "--distances", "64,320", "--methods", "streaming:256,retrieval-sent:256,hybrid:256", "--hybrid-trials", "1",
+        "--hybrid-max-distance", "64", "--offset-chars", "500000", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads((out / "recall.json").read_text())
+    cells = {(r["family"], r["method"], r["distance"]): r["trials"] for r in payload["accuracy"]}
+    for family in ("single", "multikey"):
+        for method in ("streaming:256", "retrieval-sent:256"):
+            assert cells[(family, method, 64)] == 1 and cells[(family, method, 320)] == 1
+    assert cells[("single", "hybrid:256", 64)] == 1 and payload["hybrid_trials_finished"] == 1
+    assert {c["stream"] for c in payload["stream_costs"]} >= {"single:256", "multikey:256"}
+    assert "**multikey: accuracy (trials) [Wilson 95%]**" in (out / "recall.md").read_text()
+    assert (out / "recall.png").stat().st_size > 0
+    # Resumed: nothing is missing, so nothing runs again and the report is the same.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "recall.json").read_text())["accuracy"] == payload["accuracy"]

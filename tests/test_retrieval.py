@@ -40,11 +40,13 @@ def test_evicted_text_is_indexed_and_the_matching_passage_is_pinned(model, token
     session.chat("What is the pass code of the blue door?", max_new_tokens=2)
     pinned = session.memory.last.passages
     assert any("4817" in p for p in pinned)
-    assert 0 < session.memory.last.tokens <= 96
+    assert session.memory.last.matched and session.memory.last.tokens == 96  # always exactly the budget
     assert session.stats().summary_tokens == session.memory.last.tokens
-    # The next message matches nothing new: the segment is replaced, never stacked.
+    # A message that matches nothing: the segment is replaced (never stacked) by the passages evicted last.
     session.chat("zzzz qqqq", max_new_tokens=2)
-    assert session.cache.segment_len == 0 and session.memory.last.passages == []
+    last = session.memory.last
+    assert not last.matched and session.cache.segment_len == 96
+    assert _rows(session.memory)[-1][1].strip() in "\n".join(last.passages)
 
 
 def test_query_text_is_never_fts_syntax(model, tokenizer):
@@ -157,3 +159,161 @@ def test_real_model_answers_a_fact_20k_tokens_back_only_with_retrieval(smollm, s
     print(f"with retrieval: {with_retrieval!r}; without: {without!r}; pinned: {memory.last.passages}")
     assert "4817" in with_retrieval
     assert "4817" not in without
+    assert not any("<|im_start|>" in passage for passage in memory.last.passages)  # no chat markup is pinned
+
+
+class _Counters:
+    """What RetrievalMemory.track reads from a cache: its sinks and how many tokens it has evicted."""
+
+    def __init__(self, start_size: int, window: int):
+        self.start_size, self.window, self.seen_tokens = start_size, window, 0
+
+    @property
+    def evicted_tokens(self) -> int:
+        return max(0, self.seen_tokens - self.start_size - self.window)
+
+    def feed(self, memory: RetrievalMemory, ids: list[int], states=None) -> None:
+        self.seen_tokens += len(ids)
+        memory.track(ids, self, states)
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_track_indexes_exactly_what_the_session_evicts(model, tokenizer):
+    """track() (every fed token and the cache's eviction count) builds the index observe() builds from the
+    session's own record of evicted ids."""
+    session = _session(model, tokenizer)
+    message = session.template.add("user", FILLER + FACT + " " + FILLER * 6)
+    session.template.context.pop()  # add_message renders it again
+    session.add_message("user", FILLER + FACT + " " + FILLER * 6)
+    mine = RetrievalMemory(budget=96, passage_tokens=32, overlap=8)
+    mine.tokenizer = tokenizer
+    counters = _Counters(session.cache.start_size, session.cache.recent_size)
+    counters.feed(mine, session.sink_ids)  # the system prompt, pinned
+    for start in range(0, len(ids := _tokens(tokenizer, message)), 50):  # any chunking gives the same index
+        counters.feed(mine, ids[start : start + 50])
+    assert counters.seen_tokens == session.cache.seen_tokens and len(mine) > 3
+    assert _rows(mine) == _rows(session.memory) and mine.buffer == session.memory.buffer
+
+
+def test_sentence_passages_end_at_sentence_ends(tokenizer):
+    from streaming_llm.sessions.retrieval import sentence_ends
+
+    memory = RetrievalMemory(budget=96, passage_tokens=32, split="sentences")
+    memory.tokenizer = tokenizer
+    ids = _tokens(tokenizer, (FILLER + FACT + " Is it so? It is! ") * 12)
+    counters = _Counters(4, 16)
+    counters.feed(memory, [0, 0, 0, 0] + ids)
+    stored = [memory._ids(row, text, None) for row, text, _ in _rows(memory)]
+    assert b"".join(bytes(str(s), "utf8") for s in stored)  # something was indexed
+    assert sum(stored, []) + memory.buffer == ids[: len(ids) - 16]  # no overlap: the passages tile the evicted text
+    ends = sentence_ends(tokenizer)
+    assert all(len(s) <= 32 and (s[-1] in ends or len(s) == 32) for s in stored)
+    assert any(tokenizer.decode(s).strip() == FACT for s in stored) or any(FACT in tokenizer.decode(s) for s in stored)
+
+
+def test_segment_is_always_the_budget_and_merges_neighbours(tokenizer):
+    memory = RetrievalMemory(budget=200, passage_tokens=32, overlap=8)
+    memory.tokenizer = tokenizer
+    ids = _tokens(tokenizer, FILLER * 3 + FACT + " " + FILLER * 3)
+    counters = _Counters(4, 8)
+    counters.feed(memory, [0, 0, 0, 0] + ids)
+    segment = memory.segment("What is the pass code of the blue door?", lambda t: _tokens(tokenizer, t))
+    assert len(segment) == 200 and memory.last.matched
+    newline = _tokens(tokenizer, "\n")[0]
+    body = segment[next(i for i, t in enumerate(segment) if t != newline) :]
+    text = tokenizer.decode(body)
+    assert text.startswith("(Earlier text") and "4817" in text
+    # Neighbouring passages are shown as one span: their shared 8 tokens are never shown twice.
+    for span in memory.last.passages:
+        assert span in tokenizer.decode(ids)
+    # Nothing evicted yet: no segment at all.
+    empty = RetrievalMemory(budget=200, passage_tokens=32, overlap=8)
+    empty.tokenizer = tokenizer
+    assert empty.segment("anything", lambda t: _tokens(tokenizer, t)) == []
+
+
+def test_a_fact_evicted_but_not_yet_in_a_passage_is_found(tokenizer):
+    memory = RetrievalMemory(budget=96, passage_tokens=64, overlap=16)
+    memory.tokenizer = tokenizer
+    counters = _Counters(4, 8)
+    counters.feed(memory, [0, 0, 0, 0] + _tokens(tokenizer, FACT + " And then some more words came."))
+    assert len(memory) == 0 and memory.buffer  # fewer evicted tokens than one passage
+    memory.segment("What is the pass code of the blue door?", lambda t: _tokens(tokenizer, t))
+    assert memory.last.matched and "4817" in memory.last.passages[0]
+    assert len(memory) == 0  # the temporary passage is gone again
+
+
+def test_dense_scorer_ranks_by_pooled_states_and_fused_keeps_both(tokenizer):
+    torch.manual_seed(0)
+    hidden = 16
+    for scorer in ("dense", "fused"):
+        memory = RetrievalMemory(budget=96, passage_tokens=32, overlap=0, scorer=scorer, dense_layer=0)
+        memory.tokenizer = tokenizer
+        ids = _tokens(tokenizer, FILLER * 20)[:320]
+        states = torch.randn(len(ids), hidden) * 0.1
+        target = torch.zeros(hidden)
+        target[3] = 5.0
+        states[160:192] += target  # passage 6 (tokens 160..191) points somewhere else than all the others
+        counters = _Counters(0, 16)
+        counters.feed(memory, ids, states)
+        assert len(memory) == (320 - 16) // 32
+        best = memory.rank("zzzz", query=target)  # no word matches: only the dense score can find it
+        assert best[0] == 6
+        with pytest.raises(ValueError, match="vector"):
+            memory.rank("anything")
+    with pytest.raises(ValueError, match="hidden state"):
+        memory.track([1, 2, 3], counters, torch.zeros(2, hidden))
+
+
+def test_layer_tap_keeps_only_its_cache_and_is_removed_on_close(model):
+    from streaming_llm.sessions.retrieval import LayerTap, query_vectors
+
+    # The reference: a layer's output is the next layer's input, as output_hidden_states reports it
+    # (transformers then keeps hooks of its own on the layers: count ours on top of them).
+    reference = model(torch.arange(10, 40)[None], output_hidden_states=True).hidden_states[1]
+    layers = model.get_decoder().layers
+    baseline = [len(layer._forward_hooks) for layer in layers]
+    cache, other = StreamingCache(model.config, 4, 40), StreamingCache(model.config, 4, 40)
+    taps = [LayerTap(model, 0, cache), LayerTap(model, 1, cache)]
+    assert [len(layer._forward_hooks) for layer in layers] == [n + 1 for n in baseline]
+    prefill(model, cache, list(range(10, 40)), 8)
+    prefill(model, other, list(range(10, 40)), 8)  # another cache: ignored
+    states = taps[0].take()
+    assert states.shape == (1, 30, model.config.hidden_size) and taps[0].take() is None
+    torch.testing.assert_close(states, reference, rtol=1e-4, atol=1e-4)
+    assert taps[1].take().shape == (1, 30, model.config.hidden_size)
+    for tap in taps:
+        tap.close()
+    assert [len(layer._forward_hooks) for layer in layers] == baseline
+    # The message's vector is the mean of the same layer's states over its tokens, read after the sinks.
+    vector = query_vectors(model, [10, 11, 12, 13], [list(range(14, 40))], 0)
+    torch.testing.assert_close(vector[0], reference[0, 4:].mean(dim=0), rtol=1e-4, atol=1e-5)
+    assert [len(layer._forward_hooks) for layer in layers] == baseline
+
+
+def test_state_round_trip_continues_exactly(tokenizer):
+    def fresh():
+        memory = RetrievalMemory(budget=96, passage_tokens=32, overlap=8, scorer="fused", dense_layer=0)
+        memory.tokenizer = tokenizer
+        return memory
+
+    ids = _tokens(tokenizer, FILLER * 10 + FACT + FILLER * 4)
+    states = torch.randn(len(ids) + 4, 8, generator=torch.Generator().manual_seed(0))
+    a, counters = fresh(), _Counters(4, 24)
+    counters.feed(a, [0, 0, 0, 0] + ids[:150], states[:154])
+    tensors, meta = a.state()
+    b = RetrievalMemory.from_state(tensors, meta)
+    b.tokenizer = tokenizer
+    assert b.settings() == a.settings() and (b.seen, b.evicted, b.received) == (a.seen, a.evicted, a.received)
+    twin = _Counters(4, 24)
+    twin.seen_tokens = counters.seen_tokens
+    counters.feed(a, ids[150:], states[154:])
+    twin.feed(b, ids[150:], states[154:])
+    assert _rows(a) == _rows(b) and a.buffer == b.buffer
+    query = states[100]
+    question = "What is the pass code of the blue door?"
+    tokenize = lambda t: _tokens(tokenizer, t)  # noqa: E731
+    assert a.segment(question, tokenize, query) == b.segment(question, tokenize, query) != []

@@ -9,8 +9,9 @@ Run: python results/seed-table/kv_memory.py > results/seed-table/kv_memory.json
 import json
 
 import torch
-from streaming_llm.cache import StreamingCache
 from transformers import LlamaConfig
+
+from streaming_llm.core.cache import StreamingCache
 
 MODELS = {
     "SmolLM2-135M (bf16)": LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

@@ -42,26 +42,45 @@ def add_parser(subparsers) -> None:
     sweep.set_defaults(run=run_sweep)
 
     recall = commands.add_parser(
-        "recall", help="accuracy of recalling a planted fact vs its distance, per memory method (resumable)"
-    )
+        "recall", help="accuracy of recalling planted facts vs their distance, per memory method (resumable)",
+        description="Plant facts (families: single needle; multikey with distractors; multivalue) in filler text, ask "
+        "for them after D tokens. Trials run as the rows of one batched cache (hybrid:W runs one session per trial). "
+        "Cells are appended to JSONL files in --out; a run resumes where it stopped.",
+    )  # fmt: skip
     _common(recall, tokens=0)
     recall.add_argument("--distances", default="64,256,1024,4096,16384,65536", help="tokens between fact and question")
+    recall.add_argument("--families", default="single,multikey,multivalue", help="fact families (eval/recall_batch.py)")
     recall.add_argument(
-        "--methods", default="dense,streaming:256,streaming:1024,retrieval:1024,hybrid:256",
-        help="comma-separated: dense, streaming:W, retrieval:W, hybrid:W (W = window tokens)",
+        "--methods",
+        default="dense,streaming:256,streaming:1024,retrieval:1024,retrieval-sent:1024,retrieval-dense:1024,"
+        "retrieval-fused:1024,hybrid:256",
+        help="comma-separated: dense, streaming:W, retrieval:W, retrieval-sent:W, retrieval-dense:W, "
+        "retrieval-fused:W, hybrid:W (W = window tokens)",
     )  # fmt: skip
-    recall.add_argument("--trials", type=int, default=50, help="trials per cell (templates rotate: code, date, name)")
+    recall.add_argument("--trials", type=int, default=50, help="trials per family (single rotates code, date, name)")
     recall.add_argument("--seed", type=int, default=0)
-    recall.add_argument("--max-seconds", type=float, default=None, help="stop after the trial running at this time")
+    recall.add_argument(
+        "--max-seconds", type=float, default=None,
+        help="start nothing that would end after this time; stop a running stream after its current distance",
+    )  # fmt: skip
     recall.add_argument(
         "--shard", default="0/1", metavar="K/N",
-        help="run only trials t with t %% N == K (parallel workers; each appends to its own JSONL in --out)",
+        help="run only units (or hybrid trials) u with u %% N == K (parallel workers; each appends to its own JSONL)",
     )  # fmt: skip
     recall.add_argument("--report-only", action="store_true", help="run nothing; tabulate the JSONL files in --out")
+    recall.add_argument("--batch-rows", type=int, default=64, help="most trials streamed together as rows of a batch")
+    recall.add_argument("--chunk-tokens", type=int, default=32768, help="tokens per batched forward (rows x chunk)")
+    recall.add_argument("--max-slots", type=int, default=131072, help="most rows x window per batch (memory bound)")
+    recall.add_argument(
+        "--tf32", action="store_true",
+        help="let float32 matmuls use TF32 tensor cores on CUDA (faster; recorded in the results' meta)",
+    )  # fmt: skip
+    recall.add_argument("--dense-layer", type=int, default=None, help="retrieval-dense/fused: layer (default: middle)")
+    recall.add_argument("--hybrid-trials", type=int, default=None, help="hybrid: trials (default --trials)")
     recall.add_argument("--hybrid-max-distance", type=int, default=1024, help="hybrid: longest distance (it is slow)")
     recall.add_argument("--update-every", type=int, default=256, help="hybrid: evicted tokens per summary update")
     recall.add_argument("--summary-tokens", type=int, default=128, help="hybrid: largest summary (tokens)")
-    recall.add_argument("--budget", type=int, default=256, help="retrieval: tokens of passages pinned per turn")
+    recall.add_argument("--budget", type=int, default=256, help="retrieval: tokens pinned per turn")
     recall.add_argument("--passage-tokens", type=int, default=64, help="retrieval: tokens per indexed passage")
     recall.set_defaults(run=run_recall)
 
@@ -136,7 +155,7 @@ def _meta(args: argparse.Namespace, model, seconds: float, tokens: int) -> dict:
         "model": getattr(model.config, "_name_or_path", "") or "embedded SmolLM2-135M-Instruct",
         "text": str(args.text or "packaged shakespeare.txt.gz") if hasattr(args, "text") else None,
         "offset_chars": getattr(args, "offset_chars", 0), "tokens": tokens,
-        "seconds": round(seconds, 1),
+        "matmul_precision": torch.get_float32_matmul_precision(), "seconds": round(seconds, 1),
     }  # fmt: skip
 
 
@@ -190,7 +209,7 @@ def _write(out: Path, name: str, payload: dict, table: list[dict] | None = None)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     if table:
         with open(out / f"{name}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in table for k in row)))
             writer.writeheader()
             writer.writerows(table)
     print(f"wrote {out / name}.*", file=sys.stderr)
@@ -198,7 +217,7 @@ def _write(out: Path, name: str, payload: dict, table: list[dict] | None = None)
 
 def run_ppl(args: argparse.Namespace) -> int:
     from ..eval import plots
-    from ..eval.perplexity import nll_by_method, perplexity, windowed_perplexity
+    from ..eval.perplexity import nll_by_method, paired_ratio, perplexity, windowed_perplexity
 
     model, tokenizer = load(args)
     ids = _ids(args, tokenizer)
@@ -216,6 +235,8 @@ def run_ppl(args: argparse.Namespace) -> int:
         summary[method] = {"ppl": perplexity(values)}
         if scored is not None:
             summary[method]["ppl_on_recompute_positions"] = perplexity(values[scored])
+            if method != "recompute":  # paired over the same positions, with a 95% interval
+                summary[method]["vs_recompute"] = paired_ratio(values, nll["recompute"])
     curves = {m: windowed_perplexity(v, args.slice) for m, v in nll.items() if m != "recompute"}
     slices = len(next(iter(curves.values()))) if curves else 0
     table = [{"to_token": (i + 1) * args.slice, **{m: c[i] for m, c in curves.items()}} for i in range(slices)]
@@ -232,8 +253,14 @@ def run_ppl(args: argparse.Namespace) -> int:
         title = f"Running perplexity, cache {args.start_size}+{args.recent_size}"
         plots.running_ppl(curves, args.slice, args.out / "ppl_running.png", title, model.config.max_position_embeddings)
     for method, values in summary.items():
-        print(f"{method:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+        print(f"{method:>10}: " + ", ".join(f"{k} {_show(v)}" for k, v in values.items()))
     return 0
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()) + "}"
+    return f"{value:.3f}"
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -261,36 +288,80 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_recall(args: argparse.Namespace) -> int:
-    from ..eval.recall import accuracy_table, load_trials, parse_methods, recall_plot, recall_vs_distance, stream_costs
-    from ..sessions.memory import HybridMemory
-
     shard, _, shards = args.shard.partition("/")
     if not (shard.isdigit() and shards.isdigit() and int(shard) < int(shards)):
         raise ValueError(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}.")
-    began = time.time()
-    model = None
+    began, model = time.time(), None
     if not args.report_only:
-        model, tokenizer = load(args)
-        methods = parse_methods(args.methods, model.config.max_position_embeddings - 8)
-        recall_vs_distance(
-            model, tokenizer, _text(args), [int(d) for d in args.distances.split(",")], methods, args.trials,
-            args.seed, args.out / f"recall_trials.{shard}-of-{shards}.jsonl", args.max_seconds,
-            HybridMemory(max_tokens=args.summary_tokens, update_every=args.update_every), args.hybrid_max_distance,
-            {"budget": args.budget, "passage_tokens": args.passage_tokens}, not args.no_progress,
-            shard=(int(shard), int(shards)),
-        )  # fmt: skip
-    trials = [t for path in sorted(args.out.glob("recall_trials.*.jsonl")) for t in load_trials(path)]
-    table = accuracy_table(trials)
+        model = _run_recall(args, (int(shard), int(shards)), began)
+    table, costs, trials = _recall_report(args.out)
     meta = _meta(args, model, time.time() - began, 0) if model is not None else {"command": " ".join(sys.argv)}
-    payload = {"meta": meta, "trials_finished": len(trials), "accuracy": table, "stream_costs": stream_costs(trials)}
-    _write(args.out, "recall" if args.report_only or shards == "1" else f"recall.{shard}-of-{shards}", payload, table)
-    if table and (args.report_only or shards == "1"):
-        recall_plot(table, args.out / "recall.png", f"Recall of a planted fact vs distance ({len(trials)} trials)")
+    payload = {"meta": meta, "cells": sum(t["trials"] for t in table), "accuracy": table, "stream_costs": costs,
+               "hybrid_trials_finished": trials}  # fmt: skip
+    whole = args.report_only or shards == "1"
+    _write(args.out, "recall" if whole else f"recall.{shard}-of-{shards}", payload, table)
+    if table and whole:
+        from ..eval.plots import recall_families
+        from ..eval.recall_batch import markdown
+
+        (args.out / "recall.md").write_text(markdown(table))
+        cells = payload["cells"]
+        recall_families(table, args.out / "recall.png", f"Recall of planted facts vs distance ({cells:,} answers)")
     for row in table:
         print(row)
-    for row in payload["stream_costs"]:
+    for row in costs:
         print(row)
     return 0
+
+
+def _run_recall(args: argparse.Namespace, shard: tuple[int, int], began: float):
+    """Run this shard's batched units, then its hybrid trials (one session each) in the time left."""
+    from ..eval import recall as per_trial
+    from ..eval.recall_batch import parse_methods, run_batched
+    from ..sessions.memory import HybridMemory
+
+    model, tokenizer = load(args)
+    if args.tf32:
+        import torch
+
+        torch.set_float32_matmul_precision("high")
+    dense_window = model.config.max_position_embeddings - 8
+    specs = [m.strip() for m in args.methods.split(",") if m.strip()]
+    hybrid = [m for m in specs if m.startswith("hybrid")]
+    batched = (
+        parse_methods(",".join(m for m in specs if m not in hybrid), dense_window) if len(hybrid) < len(specs) else []
+    )
+    distances = [int(d) for d in args.distances.split(",")]
+    text = _text(args)
+    name = f"{shard[0]}-of-{shard[1]}"
+    if batched:
+        run_batched(
+            model, tokenizer, text, args.families.split(","), distances, batched, args.trials, args.seed,
+            args.out / f"recall_cells.{name}.jsonl", args.max_seconds, shard, args.batch_rows,
+            {"budget": args.budget, "passage_tokens": args.passage_tokens}, args.dense_layer, args.chunk_tokens,
+            args.max_slots, sorted(args.out.glob("recall_cells.*.jsonl")),
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )  # fmt: skip
+    left = None if args.max_seconds is None else args.max_seconds - (time.time() - began)
+    if hybrid and (left is None or left > 0):
+        per_trial.recall_vs_distance(
+            model, tokenizer, text, distances, per_trial.parse_methods(",".join(hybrid), dense_window),
+            args.hybrid_trials or args.trials, args.seed, args.out / f"recall_trials.{name}.jsonl", left,
+            HybridMemory(max_tokens=args.summary_tokens, update_every=args.update_every), args.hybrid_max_distance,
+            progress=not args.no_progress, shard=shard,
+        )  # fmt: skip
+    return model
+
+
+def _recall_report(out: Path) -> tuple[list[dict], list[dict], int]:
+    """Accuracy table over every JSONL in ``out`` (batched cells and per-trial rows), streaming costs, and the
+    number of per-trial (hybrid) trials."""
+    from ..eval.recall import load_trials, stream_costs
+    from ..eval.recall_batch import cell_table, load_records, stream_summary, trial_cells
+
+    records = [r for path in sorted(out.glob("recall_cells.*.jsonl")) for r in load_records(path)]
+    trials = [t for path in sorted(out.glob("recall_trials.*.jsonl")) for t in load_trials(path)]
+    return cell_table(records + trial_cells(trials)), stream_summary(records) + stream_costs(trials), len(trials)
 
 
 def run_stability(args: argparse.Namespace) -> int:

@@ -104,3 +104,29 @@ def stability_plot(rows: list[dict], path: Path, title: str):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def recall_families(table: list[dict], path: Path, title: str):
+    """Accuracy vs distance, one panel per fact family, one line per method, Wilson 95% intervals as bars."""
+    plt = _pyplot()
+    families = list(dict.fromkeys(r["family"] for r in table))
+    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.5), squeeze=False, sharey=True)
+    for ax, family in zip(axes[0], families, strict=True):
+        rows = [r for r in table if r["family"] == family]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            line = sorted((r for r in rows if r["method"] == method), key=lambda r: r["distance"])
+            y = [r["accuracy"] for r in line]
+            err = [[a - r["ci_low"] for a, r in zip(y, line, strict=True)],
+                   [r["ci_high"] - a for a, r in zip(y, line, strict=True)]]  # fmt: skip
+            ax.errorbar([r["distance"] for r in line], y, yerr=err, marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("tokens between the fact and the question")
+        ax.set_title(family)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("accuracy (Wilson 95% interval)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -56,6 +56,7 @@ class Fact:
     sentence: str
     question: str
     expected: tuple[str, ...]  # every piece must appear in the answer (case-insensitive)
+    others: tuple[str, ...] = ()  # more needles, planted before this one (distractors, or the other values)
 
     def judge(self, answer: str) -> bool:
         return all(piece.lower() in answer.lower() for piece in self.expected)
