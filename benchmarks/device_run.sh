@@ -33,7 +33,7 @@ eval_cli() { python -m streaming_llm.cli eval "$@" --device cuda --dtype float32
 
 case "$stage" in
   stash)
-    cp .carry1/part1 $stash/part1 && cp .carry1/shakespeare.txt $stash/shakespeare.txt && ls -la $stash
+    cp .carry1/part1 $stash/part1 && ls -la $stash  # the text travels inside the package (streaming_llm/data)
     ;;
   decode)
     python benchmarks/gpu_decode.py --contexts 4096 32768 131072 --out "$out/results/gpu_decode"
