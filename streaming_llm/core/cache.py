@@ -1059,18 +1059,28 @@ class StreamingCache(Cache):
         return jump
 
     # -- pinned segment (memory features) ------------------------------------------------------------
-    def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor], b: int = 0) -> None:
-        """Replace row ``b``'s pinned segment, placed after its pinned prefix.
+    def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor], b: int | None = None) -> None:
+        """Replace the pinned segment of row ``b`` (or of every row: an aligned batch), placed after the pinned prefix.
 
         Args:
-            keys: Per model layer, ``(1, kv_heads, n, head_dim)`` keys rotated at the canonical positions
-                ``start_size .. start_size + n - 1`` (what a forward at those positions gives).
+            keys: Per model layer, ``(rows_given, kv_heads, n, head_dim)`` keys rotated at the canonical positions
+                ``start_size .. start_size + n - 1`` (what a forward at those positions gives); one row for ``b``,
+                or one per row of the cache when ``b`` is None.
             values: Per layer, the matching values.
-            b: The row.
+            b: The row; None: row 0 of a one-row cache, or every row (batch ``i`` of ``keys`` for row ``i``).
 
         Raises:
-            ValueError: More than ``segment_capacity`` tokens, or the pinned prefix is not all in yet.
+            ValueError: More than ``segment_capacity`` tokens, the pinned prefix is not all in yet, or a batch
+                that fits neither one row nor every row.
         """
+        given = keys[0].shape[0]
+        if b is None and given == self.rows and given > 1:
+            for row in range(given):
+                self.set_segment([k[row : row + 1] for k in keys], [v[row : row + 1] for v in values], row)
+            return
+        b = 0 if b is None else b
+        if given != 1:
+            raise ValueError(f"A segment for one row has batch 1, got {given} (this cache has {self.rows} rows).")
         self._check_live(b)
         n = keys[0].shape[-2]
         if n > self.segment_capacity:
@@ -1107,8 +1117,19 @@ class StreamingCache(Cache):
         return tensors, counters
 
     def state(self) -> CacheState:
-        """A snapshot of the single stream (:meth:`row_state` of row 0)."""
-        return self.row_state(0)
+        """A snapshot of the single stream (:meth:`row_state` of row 0), or of an aligned batch: every row live
+        and in the same state, their tensors stacked along the batch dimension (``(layers, rows, ...)``).
+
+        Raises:
+            ValueError: Rows in different states (take :meth:`row_state` of each).
+        """
+        if self.rows == 1:
+            return self.row_state(0)
+        if self.free or any(not r.same_stream(g.rows[0]) for g in self.groups for r in g.rows):
+            raise ValueError("The rows of this cache are in different states: take row_state(b) of each row.")
+        states = [self.row_state(b) for b in range(self.rows)]
+        tensors = {k: torch.cat([s[0][k] for s in states], dim=1) for k in states[0][0]}
+        return tensors, states[0][1]
 
     def _restore(self, b: int, tensors: dict[str, torch.Tensor], counters: dict) -> None:
         """Rebuild row ``b`` from a saved state (any device; copied).
@@ -1132,18 +1153,21 @@ class StreamingCache(Cache):
 
     @classmethod
     def from_state(cls, config: PretrainedConfig, tensors: dict[str, torch.Tensor], counters: dict) -> StreamingCache:
-        """A one-row cache rebuilt from :meth:`row_state` (tensors on any device; they are copied, and the cache
-        lives on their device).
+        """A cache rebuilt from :meth:`row_state` (one row) or :meth:`state` (an aligned batch: one row per batch
+        entry); tensors on any device are copied, and the cache lives on their device.
 
         Raises:
             ValueError: Counters or tensors that do not fit this model or these sizes.
         """
         sample = tensors["groups.0.keys"]
+        rows = sample.shape[1]  # one row, or an aligned batch (see state())
         cache = cls(
             config, int(counters["start_size"]), int(counters["recent_size"]), int(counters["segment_capacity"]),
-            positions=counters.get("positions"), rows=1, dtype=sample.dtype, device=sample.device,
+            positions=counters.get("positions"), rows=rows, dtype=sample.dtype, device=sample.device,
         )  # fmt: skip
-        cache._restore(0, tensors, counters)
+        for b in range(rows):
+            cache._restore(b, {k: v[:, b : b + 1] for k, v in tensors.items()}, counters)
+        cache.free.clear()
         return cache
 
     # -- conversions ---------------------------------------------------------------------------------

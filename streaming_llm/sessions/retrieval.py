@@ -303,7 +303,7 @@ class RetrievalMemory:
         (tokens fed before the memory first saw the session get zero vectors).
         """
         if self.tokenizer is None or (self.dense and self.tap is None):
-            self.attach(session.model, session.tokenizer, session.cache)
+            self.attach(session.model, session.tokenizer, session.cache.forward_cache)
         if self.dense:
             self._observe_states(session)
         if not session.pending_ids:
@@ -315,7 +315,7 @@ class RetrievalMemory:
         self._index_evicted(evicted, evicted_states)
 
     def _observe_states(self, session: StreamingSession) -> None:
-        self.tap.cache = session.cache  # a restored or replaced cache: follow it
+        self.tap.cache = session.cache.forward_cache  # a restored or replaced cache: follow it
         captured = self.tap.take()
         fed = max(0, session.cache.seen_tokens - session.cache.start_size)  # non-sink tokens fed so far
         if captured is not None:

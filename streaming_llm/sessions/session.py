@@ -127,6 +127,12 @@ class CacheView:
         """Bytes of cache storage the session's row holds (constant)."""
         return self._row().cache_bytes
 
+    @property
+    def forward_cache(self) -> StreamingCache:
+        """The cache object the model's forwards receive (the engine's, shared by its rows): what a forward hook
+        compares with to recognise this engine's forwards."""
+        return self._engine.cache
+
     def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Replace the row's pinned segment (see :meth:`StreamingCache.set_segment`)."""
         self._engine.set_segment(self._stream, keys, values)
