@@ -192,6 +192,43 @@ def spill_cost(model, args, context: int) -> dict:
             "restore_gb_s": moved * engine.restores / engine.restore_seconds / 1e9}  # fmt: skip
 
 
+def system_prompt(i: int) -> str:
+    """Session ``i``'s system prompt: about 30..200 tokens."""
+    return f"You are assistant {i}. " + "Answer briefly and keep to the point of the question that the user asks. " * (
+        1 + i % 12
+    )
+
+
+@torch.no_grad()
+def engine_turns(model, tokenizer, args, sessions: int = 32) -> dict:
+    """What the server's work is, on the engine directly: ``sessions`` sessions with their own system prompts
+    (a first short turn), then one turn each submitted at once (the new message fed in chunks between decode
+    steps, ``--server-tokens`` tokens generated): completion tokens/s, ramp-up included."""
+    from streaming_llm import StreamingSession
+    from streaming_llm.runtime.sampling import SamplingConfig
+
+    cache = StreamingCache(model.config, args.start_size, args.recent_size, rows=sessions, pinned_capacity=256,
+                           dtype=model.dtype, device=model.device)  # fmt: skip
+    engine = Engine(model, cache)
+    greedy = SamplingConfig(suppress_ids=(tokenizer.eos_token_id,))
+    chats = [StreamingSession(model, tokenizer, system_prompt(i), recent_size=args.recent_size, engine=engine,
+                              sampling=greedy, name=f"s{i}") for i in range(sessions)]  # fmt: skip
+    for warm in (True, False):
+        turns = [c.turn_request([("user", "Hello." if warm else "Tell me a long story.")],
+                                8 if warm else args.server_tokens)[0] for c in chats]  # fmt: skip
+        sync(model.device)
+        began = time.perf_counter()
+        for r in turns:
+            engine.submit(r)
+        while not all(r.done for r in turns):
+            engine.step()
+        sync(model.device)
+        seconds = time.perf_counter() - began
+    generated = sum(len(r.tokens) for r in turns)
+    return {"method": "turns", "rows": sessions, "tokens_per_s": generated / seconds, "seconds": seconds,
+            "completion_tokens": generated, "max_batch": engine.stepper.max_batch}  # fmt: skip
+
+
 def server_e2e(model, tokenizer, args, sessions: int = 32) -> dict:
     """``sessions`` concurrent sessions with their own system prompts through the openai client on loopback."""
     import socket
@@ -213,15 +250,18 @@ def server_e2e(model, tokenizer, args, sessions: int = 32) -> dict:
     thread.start()
     while not server.started:
         time.sleep(0.1)
-    words = "Answer briefly and keep to the point of the question that the user asks. "
     counts: list[int] = []
     errors: list[BaseException] = []
     done = threading.Barrier(sessions + 1)
+    clients = [
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+        for _ in range(sessions)
+    ]  # fmt: skip  (made before the clock starts)
 
     def talk(i: int, warm: bool) -> None:
         try:
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
-            system = f"You are assistant {i}. " + words * (1 + i % 12)  # ~30..200 tokens
+            client = clients[i]
+            system = system_prompt(i)
             reply = client.chat.completions.create(
                 model="streaming-llm", max_tokens=8 if warm else args.server_tokens,
                 extra_headers={"X-Session-Id": f"s{i}"},
@@ -303,8 +343,11 @@ def main() -> None:
     parser.add_argument("--server", action="store_true", help="also the server end to end (needs --tokenizer)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (the model then has its vocabulary)")
     parser.add_argument("--server-tokens", type=int, default=128, help="completion tokens per server session")
+    parser.add_argument("--only", default="check,single,rows,ragged,engine,spill,turns,server",
+                        help="comma-separated sections to run (default: all)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    only = set(args.only.split(","))
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -314,7 +357,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    if args.check:
+    if args.check and "check" in only:
         emit(check(args, device))
     tokenizer = None
     shape = dict(TINY if args.tiny else LLAMA3_8B)
@@ -331,19 +374,25 @@ def main() -> None:
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     emit({"method": "floor", "weights_gb": weights / 1e9, "bandwidth_tb_s": bandwidth and bandwidth / 1e12,
           "ms_per_token": bandwidth and 1000 * weights / bandwidth})  # fmt: skip
-    emit(single(model, args, args.context))
-    batched(model, args, args.context, False, emit)
-    batched(model, args, args.context, True, emit)
+    if "single" in only:
+        emit(single(model, args, args.context))
     for ragged in (False, True):
-        emit(engine_loop(model, args, args.context, args.engine_rows, ragged))
-    emit(spill_cost(model, args, args.context))
-    if args.server and tokenizer is not None:
+        if ("ragged" if ragged else "rows") in only:
+            batched(model, args, args.context, ragged, emit)
+    for ragged in (False, True):
+        if "engine" in only:
+            emit(engine_loop(model, args, args.context, args.engine_rows, ragged))
+    if "spill" in only:
+        emit(spill_cost(model, args, args.context))
+    if tokenizer is not None and "turns" in only:
+        emit(engine_turns(model, tokenizer, args, args.engine_rows))
+    if args.server and tokenizer is not None and "server" in only:
         emit(server_e2e(model, tokenizer, args, args.engine_rows))
     report(rows, args, weights, bandwidth, device, dtype)
 
 
 def report(rows: list[dict], args, weights: int, bandwidth: float | None, device, dtype) -> None:
-    single_row = next(r for r in rows if r["method"] == "single")
+    single_row = next((r for r in rows if r["method"] == "single"), None)
     for r in rows:
         if r["method"] in ("rows", "ragged") and bandwidth:
             r["floor_ms"] = 1000 * (weights + r["kv_bytes_per_step"]) / bandwidth
@@ -351,18 +400,21 @@ def report(rows: list[dict], args, weights: int, bandwidth: float | None, device
             r["fraction_of_floor"] = r["floor_ms"] / r["ms_per_step"]
     ratios = {}
     by = {(r["method"], r["rows"]): r for r in rows if "rows" in r and r["method"] in ("rows", "ragged")}
-    if ("rows", 1) in by:
+    if ("rows", 1) in by and single_row:
         ratios["1 row / single-stream step"] = by[("rows", 1)]["p50_ms"] / single_row["p50_ms"]
     engine = {r.get("ragged"): r for r in rows if r["method"] == "engine"}
     server = next((r for r in rows if r["method"] == "server"), None)
+    turns = next((r for r in rows if r["method"] == "turns"), None)
     if server and True in engine:
         ratios["server / engine (ragged, same rows)"] = server["tokens_per_s"] / engine[True]["tokens_per_s"]
+    if server and turns:
+        ratios["server / engine turns (same work)"] = server["tokens_per_s"] / turns["tokens_per_s"]
     print(f"\n{'method':>8} | {'rows':>4} | {'p50 ms':>8} | {'tok/s':>8} | {'floor ms':>8} | {'of floor':>8}")
     for r in rows:
         if "p50_ms" in r:
             print(f"{r['method']:>8} | {r['rows']:>4} | {r['p50_ms']:8.2f} | {r['tokens_per_s']:8.0f} | "
                   f"{r.get('floor_ms', 0):8.2f} | {r.get('fraction_of_floor', 0):8.2f}")  # fmt: skip
-        elif r["method"] in ("engine", "server"):
+        elif r["method"] in ("engine", "server", "turns"):
             print(f"{r['method']:>8} | {r['rows']:>4} | {'':>8} | {r['tokens_per_s']:8.0f} |")
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")

@@ -9,8 +9,9 @@ host snapshot while it is spilled). Each :meth:`Engine.step`:
    so a session's turn always closes consistently);
 2. admits waiting requests, at most one per stream, in submission order; a stream that is not resident
    gets a row, spilling the least recently used idle stream to host memory when every row is taken;
-3. feeds at most ``chunk_size`` prompt tokens of the oldest request still feeding (so a long prompt
-   delays the others by one chunk per step, never by the whole prompt);
+3. feeds prompt chunks, oldest request first, at most ``chunk_size`` tokens in all per step (so many
+   short prompts start together, and a long prompt delays the others by one chunk per step, never by
+   the whole prompt);
 4. runs one batched decode step for every request that is generating, and samples each row's token.
 
 Requests go through three phases: *feed* the prompt (any tokens the stream still owes first), then
@@ -153,7 +154,9 @@ class Request:
         on_token: ``(token) -> stop``; called for every generated token; True ends generation ("stop").
         on_finish: ``(request) -> tail ids`` to feed after generation ends, however it ended.
         on_fed: ``(ids)``; called after every chunk of prompt or tail tokens is fed.
-        on_event: Called (engine thread) after every change a reader may want: a token, the end.
+        on_event: Called (engine thread) after every generated token (with ``every_token``) and once when the
+            request is done (after :attr:`done` is set): to wake a reader on another thread.
+        every_token: Call ``on_event`` for every token (a streamed reply), or only at the end.
         deadline: ``time.monotonic()`` by which the request must end ("timeout").
         chunk_size: Tokens per prefill chunk for this request (default: the engine's).
         sampling: Sample with these settings from now on (the stream keeps its recent context).
@@ -175,6 +178,7 @@ class Request:
     on_finish: Callable[[Request], list[int]] | None = None
     on_fed: Callable[[list[int]], None] | None = None
     on_event: Callable[[], None] | None = None
+    every_token: bool = True
     deadline: float | None = None
     chunk_size: int | None = None
     sampling: SamplingConfig | None = None
@@ -567,36 +571,45 @@ class Engine:
         return worked
 
     def _prefill(self) -> bool:
-        """Feed one chunk of the oldest request still feeding (prompt or tail)."""
-        feeding = [r for r in self._running if r._phase in ("feed", "tail")]
-        if not feeding:
+        """Feed prompt or tail chunks, oldest request first, up to ``chunk_size`` tokens in all this step (so many
+        short prompts start together, and a long one takes one chunk per step)."""
+        budget = self.chunk_size
+        worked = False
+        for request in [r for r in self._running if r._phase in ("feed", "tail")]:
+            if budget <= 0:
+                break
+            chunk = request._chunk(min(budget, request.chunk_size or self.chunk_size))
+            budget -= max(len(chunk), 1)
+            worked = True
+            if chunk and not self._feed_chunk(request, chunk):
+                continue
+            if request._chunk(1):
+                continue
+            if request._phase == "tail" or request.max_new_tokens == 0:
+                self._complete(request)
+            elif (reason := self._stop_reason(request)) is not None:
+                self._end(request, reason)
+            else:
+                request._phase = "generate"
+                self._emit([(request, request.stream.last_logits)])
+        return worked
+
+    def _feed_chunk(self, request: Request, chunk: list[int]) -> bool:
+        """One prefill forward of ``request``'s next chunk; False when it failed (the request is then done)."""
+        try:
+            logits = self.stepper.prefill(request.stream.row, chunk)
+        except BaseException as error:
+            request.stream._break(f"a forward failed while feeding tokens ({type(error).__name__}: {error})")
+            self._complete(request, error)
             return False
-        request = feeding[0]
-        chunk = request._chunk(request.chunk_size or self.chunk_size)
-        if chunk:
+        request._advance(len(chunk))
+        request.stream._fed(chunk, logits)
+        if request.on_fed is not None:
             try:
-                logits = self.stepper.prefill(request.stream.row, chunk)
+                request.on_fed(chunk)
             except BaseException as error:
-                request.stream._break(f"a forward failed while feeding tokens ({type(error).__name__}: {error})")
                 self._complete(request, error)
-                return True
-            request._advance(len(chunk))
-            request.stream._fed(chunk, logits)
-            if request.on_fed is not None:
-                try:
-                    request.on_fed(chunk)
-                except BaseException as error:
-                    self._complete(request, error)
-                    return True
-        if request._chunk(1):
-            return True
-        if request._phase == "tail" or request.max_new_tokens == 0:
-            self._complete(request)
-        elif (reason := self._stop_reason(request)) is not None:
-            self._end(request, reason)
-        else:
-            request._phase = "generate"
-            self._emit([(request, request.stream.last_logits)])
+                return False
         return True
 
     def _decode(self) -> bool:
@@ -633,7 +646,7 @@ class Engine:
                 request.finish_reason = "error"
             if ended:
                 self._end(request, None)
-            if request.on_event is not None:
+            if request.on_event is not None and request.every_token and not request.done:
                 request.on_event()
 
     def _end(self, request: Request, reason: str | None) -> None:

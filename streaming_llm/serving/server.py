@@ -232,13 +232,18 @@ class Server:
             return [(m.kind, m.text) for m in new]
 
         events: asyncio.Queue = asyncio.Queue()
+        wake = _waker(loop, events)
+
         request, text = live.session.turn_request(
-            messages, body.max_tokens or min(256, self.limits.max_tokens), body.stops(),
+            messages,
+            body.max_tokens or min(256, self.limits.max_tokens),
+            body.stops(),
             sampling=body.config(self.sampling),
             deadline=time.monotonic() + self.limits.request_timeout,
-            on_event=lambda: loop.call_soon_threadsafe(events.put_nowait, None),
+            on_event=wake,
+            every_token=body.stream,
             on_done=lambda r: self._close_turn(live, r, fed, text),
-        )  # fmt: skip
+        )  # fmt: skip  (a whole reply wakes its handler once, at the end)
         return Turn(request, text, events, live.id)
 
     def _close_turn(self, live: Live, request: runtime.Request, fed: list[Message], text: TextStream) -> None:
@@ -266,11 +271,13 @@ class Server:
         text = TextStream(self.tokenizer, body.stops(), set(self.stop_ids), lambda: engine.row_stats(stream))
         ids = self.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
         events: asyncio.Queue = asyncio.Queue()
+        wake = _waker(loop, events)
+
         request = runtime.Request(
             stream, ids, body.max_tokens or 16, self.stop_ids, on_token=text.on_token,
             on_finish=lambda r: text.finish(r.finish_reason) or [], sampling=body.config(self.sampling),
             deadline=time.monotonic() + self.limits.request_timeout, on_done=lambda r: engine.close(stream),
-            on_event=lambda: loop.call_soon_threadsafe(events.put_nowait, None),
+            on_event=wake, every_token=body.stream,
         )  # fmt: skip
         return Turn(request, text, events)
 
@@ -282,6 +289,16 @@ class Server:
 
     def delete(self, session_id: str) -> bool:
         return self.store.delete(session_id)
+
+
+def _waker(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """A callable for the engine's thread that wakes the handler waiting on ``events`` (a closed loop: no-op)."""
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (server shut down)
+            loop.call_soon_threadsafe(events.put_nowait, None)
+
+    return wake
 
 
 # -- the application --------------------------------------------------------------------------------------

@@ -376,6 +376,7 @@ class StreamingSession:
     def turn_request(
         self, messages: list[tuple[str, str]], max_new_tokens: int | None = 512, stop: tuple[str, ...] | list[str] = (),
         *, sampling: SamplingConfig | None = None, deadline: float | None = None, on_event=None, on_done=None,
+        every_token: bool = True,
     ) -> tuple[Request, TextStream]:  # fmt: skip
         """The engine request of one turn: feed ``messages`` (earlier ones whole, the last one a user message
         followed by the assistant header), generate the reply, close the turn. Nothing changes until the
@@ -385,7 +386,7 @@ class StreamingSession:
             messages: ``(role, content)`` pairs, or a callable returning them when the turn starts (on the
                 engine's thread, in order with the session's other turns; an exception it raises fails the
                 request before anything is fed).
-            on_event, on_done: Passed to the :class:`~streaming_llm.runtime.engine.Request`.
+            on_event, on_done, every_token: Passed to the :class:`~streaming_llm.runtime.engine.Request`.
 
         Raises:
             ValueError: A bad ``max_new_tokens``, ``stop``, role or message.
@@ -417,7 +418,7 @@ class StreamingSession:
         request = Request(
             self.stream, prompt, max_new_tokens, self.stop_ids, on_token=text.on_token, on_finish=finish,
             on_fed=self._track, on_event=on_event, deadline=deadline, chunk_size=self.prefill_chunk,
-            sampling=sampling, on_done=on_done,
+            sampling=sampling, on_done=on_done, every_token=every_token,
         )  # fmt: skip
         return request, text
 
