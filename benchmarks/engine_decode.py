@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm import StreamingCache, install  # noqa: E402
 from streaming_llm.core.stepper import Stepper  # noqa: E402
 from streaming_llm.eval.benchmark import percentile, sync  # noqa: E402
-from streaming_llm.eval.shapes import LLAMA3_8B, TINY  # noqa: E402
+from streaming_llm.eval.shapes import LLAMA3_8B, SMOLLM2_135M, TINY  # noqa: E402
 from streaming_llm.runtime.engine import Engine, Request  # noqa: E402
 
 PINNED = (30, 55, 80, 105, 130, 155, 180, 200)  # the ragged rows' pinned prefixes (system prompts)
@@ -339,6 +339,8 @@ def main() -> None:
     parser.add_argument("--engine-rows", type=int, default=32)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    parser.add_argument("--smollm2", action="store_true", help="a SmolLM2-135M-shaped random model (CPU runs)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--check", action="store_true", help="first: batched+captured equals alone (float32)")
     parser.add_argument("--server", action="store_true", help="also the server end to end (needs --tokenizer)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (the model then has its vocabulary)")
@@ -360,7 +362,9 @@ def main() -> None:
     if args.check and "check" in only:
         emit(check(args, device))
     tokenizer = None
-    shape = dict(TINY if args.tiny else LLAMA3_8B)
+    shape = dict(TINY if args.tiny else SMOLLM2_135M if args.smollm2 else LLAMA3_8B)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.tokenizer:
         from transformers import AutoTokenizer
 
@@ -423,7 +427,9 @@ def report(rows: list[dict], args, weights: int, bandwidth: float | None, device
     meta = {
         "command": "python " + " ".join(sys.argv), "torch": torch.__version__, "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "dtype": str(dtype), "model": "tiny" if args.tiny else "Llama-3-8B-shaped, random weights",
+        "dtype": str(dtype),
+        "model": "tiny" if args.tiny else "SmolLM2-135M-shaped, random weights" if args.smollm2
+        else "Llama-3-8B-shaped, random weights",
         "cache": f"{args.start_size}+{args.recent_size} per row",
         "note": f"rows stream {args.stream_limit} tokens for real, then are fast-forwarded past {args.context}",
     }  # fmt: skip
