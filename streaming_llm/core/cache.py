@@ -614,6 +614,9 @@ class StreamingCache(Cache):
         self._dev: torch.Tensor | None = None
         if rows is not None:
             self._start_rows(rows, live=rows == 1)
+        else:  # a lazily sized cache: one provisional row until the first forward sizes it (still _n_rows=None)
+            for g in self.groups:
+                g.clear_row(0, g.shape)
         if dtype is not None or device is not None:
             if rows is None:
                 raise ValueError("Give rows= to allocate the storage up front (dtype/device).")
@@ -667,6 +670,12 @@ class StreamingCache(Cache):
         if self._n_rows is None:
             self._start_rows(1, live=True)
         self._allocate(self.rows, dtype, torch.device(device))
+
+    @property
+    def storage(self) -> tuple[torch.dtype, torch.device] | None:
+        """The dtype and device of the allocated storage; None while a lazily sized cache waits for its first forward."""
+        keys = self.groups[0].keys
+        return None if keys is None else (keys.dtype, keys.device)
 
     @property
     def rows(self) -> int:

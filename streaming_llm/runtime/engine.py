@@ -296,6 +296,8 @@ class Engine:
         self._clock = itertools.count(1)
         self._stopping = False
         self._worker: int | None = None  # the thread that serves the engine (serve_forever), if any
+        if cache.storage is None:  # a lazily sized cache gets its one row now, in the model's dtype
+            cache.allocate(model.dtype, model.device)
         for b in cache.live:  # fresh rows (a one-row cache's row 0) are free for any stream; others wait for open(row=)
             if cache.row(b).seen_tokens == 0:
                 cache.release(b)
@@ -683,3 +685,72 @@ def check_max_new_tokens(max_new_tokens: object, endless_ok: bool = True, zero_o
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < low:
         endless = " or None (no limit)" if endless_ok else ""
         raise ValueError(f"max_new_tokens must be an integer >= 1{endless}, got {max_new_tokens!r}")
+
+
+class CacheView:
+    """A session's row of the cache, read-only: its counters and sizes (what ``session.cache`` gives).
+
+    Attributes mirror a one-row :class:`~streaming_llm.core.cache.StreamingCache`: ``seen_tokens``,
+    ``cached_tokens``, ``evicted_tokens``, ``segment_len``, ``start_size``, ``recent_size``,
+    ``segment_capacity``, ``nbytes``. The pinned segment is replaced with :meth:`set_segment` (through
+    the engine); nothing else of the cache can be changed through a view.
+    """
+
+    def __init__(self, engine: Engine, stream: Stream):
+        self._engine, self._stream = engine, stream
+
+    def _row(self) -> RowStats:
+        return self._engine.row_stats(self._stream)
+
+    @property
+    def seen_tokens(self) -> int:
+        return self._row().seen_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._row().cached_tokens
+
+    @property
+    def evicted_tokens(self) -> int:
+        return self._row().evicted_tokens
+
+    @property
+    def segment_len(self) -> int:
+        return self._row().segment_tokens
+
+    @property
+    def start_size(self) -> int:
+        return self._stream.start_size
+
+    @property
+    def recent_size(self) -> int:
+        return self._engine.cache.recent_size
+
+    @property
+    def segment_capacity(self) -> int:
+        return self._engine.cache.segment_capacity
+
+    @property
+    def capacity(self) -> int:
+        return self._row().capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cache storage the session's row holds (constant)."""
+        return self._row().cache_bytes
+
+    @property
+    def forward_cache(self) -> StreamingCache:
+        """The cache object the model's forwards receive (the engine's, shared by its rows): what a forward hook
+        compares with to recognise this engine's forwards."""
+        return self._engine.cache
+
+    def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Replace the row's pinned segment (see :meth:`StreamingCache.set_segment`)."""
+        self._engine.set_segment(self._stream, keys, values)
+
+    def clear_segment(self) -> None:
+        """Remove the row's pinned segment."""
+        empty = torch.zeros(1, self._engine.cache.spec.num_kv_heads, 0, self._engine.cache.spec.head_dim)
+        layers = self._engine.cache.spec.num_layers
+        self._engine.set_segment(self._stream, [empty] * layers, [empty] * layers)

@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from ..core.compat import cache_kwargs
 
 if TYPE_CHECKING:
-    from .session import CacheView
+    from ..runtime.engine import CacheView
 
 Summarizer = Callable[[str, str], str]
 """``summarizer(previous_summary, newly_evicted_text) -> new_summary``."""

@@ -43,7 +43,7 @@ needed to continue a session's memory exactly.
 
 Two ways to feed a memory: :meth:`RetrievalMemory.track` (the caller reports every fed token and the
 cache's eviction count; the memory keeps its own window of fed ids) or :meth:`RetrievalMemory.observe`
-(the session hands over the ids it has already seen evicted, ``session.pending_ids``).
+(the session hands over the ids it has seen evicted, :meth:`RetrievalMemory.observe`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -65,7 +65,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ..core.cache import StreamingCache
-    from .session import CacheView, StreamingSession
+    from ..runtime.engine import CacheView
+
+
+class SessionLike(Protocol):
+    """What the memory reads of a session (:class:`~streaming_llm.sessions.session.StreamingSession`)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cache: CacheView
+    sink_ids: list[int]
+
+    def tokenize(self, text: str) -> list[int]: ...
+
 
 _STOPWORDS = (
     "a an and are as at be but by can could did do does for from had has have he her his how i if in into is it its "
@@ -296,8 +308,9 @@ class RetrievalMemory:
             evicted_states, self.window_states = self.window_states[:gone], self.window_states[gone:]
         self._index_evicted(evicted, evicted_states)
 
-    def observe(self, session: StreamingSession) -> None:
-        """Take the session's evicted-but-unindexed ids (``session.pending_ids``) and index full passages.
+    def observe(self, session: SessionLike, evicted: list[int]) -> None:
+        """Index ``evicted``, the ids the session's window just evicted (its own list, handed over: the session
+        clears it), as full passages.
 
         With a dense scorer the hook's states of every token fed to ``session.cache`` are kept in order
         (tokens fed before the memory first saw the session get zero vectors).
@@ -305,32 +318,28 @@ class RetrievalMemory:
         if self.tokenizer is None or (self.dense and self.tap is None):
             self.attach(session.model, session.tokenizer, session.cache.forward_cache)
         if self.dense:
-            self._observe_states(session)
-        if not session.pending_ids:
+            self._observe_states(session, len(evicted))
+        if not evicted:
             return
-        evicted, session.pending_ids = list(session.pending_ids), []
+        evicted = list(evicted)
         evicted_states = None
         if self.dense:
             evicted_states, self.window_states = self.window_states[: len(evicted)], self.window_states[len(evicted) :]
         self._index_evicted(evicted, evicted_states)
 
-    def _observe_states(self, session: StreamingSession) -> None:
+    def _observe_states(self, session: SessionLike, pending: int) -> None:
         self.tap.cache = session.cache.forward_cache  # a restored or replaced cache: follow it
         captured = self.tap.take()
         fed = max(0, session.cache.seen_tokens - session.cache.start_size)  # non-sink tokens fed so far
         if captured is not None:
             self.window_states = _append(self.window_states, captured[0])
         held = 0 if self.window_states is None else self.window_states.shape[0]
-        expected = fed - self.evicted_count(session)
+        expected = fed - (session.cache.evicted_tokens - pending)  # tokens still in the window
         if held < expected:  # fed before the hook existed: no states
             hidden = session.model.config.hidden_size
             self.window_states = _append(torch.zeros(expected - held, hidden), self.window_states)
         elif held > expected:  # the sinks' states
             self.window_states = self.window_states[held - expected :]
-
-    def evicted_count(self, session: StreamingSession) -> int:
-        """Evicted tokens of ``session`` already taken from its cache's window (indexed or pending)."""
-        return session.cache.evicted_tokens - len(session.pending_ids)
 
     def _states_for(self, ids: list[int], states: torch.Tensor | None) -> torch.Tensor:
         if states is None:
@@ -552,7 +561,7 @@ class RetrievalMemory:
         spans = self._spans(rows, ids)
         return sum(len(s) for s in spans) + separator * (len(spans) - 1)
 
-    def recall(self, session: StreamingSession, message: str) -> None:
+    def recall(self, session: SessionLike, message: str) -> None:
         """Pin the passages that best match ``message`` after the sinks of ``session``'s cache."""
         if self.tokenizer is None:
             self.tokenizer = session.tokenizer
@@ -563,9 +572,9 @@ class RetrievalMemory:
         began = time.perf_counter()
         query = None
         if self.dense and self.received:
-            query = query_vectors(session.model, session.sink_ids, [session._tokens(message)], self.dense_layer)[0]
+            query = query_vectors(session.model, session.sink_ids, [session.tokenize(message)], self.dense_layer)[0]
         lookup = time.perf_counter() - began
-        ids = self.segment(message, session._tokens, query)
+        ids = self.segment(message, session.tokenize, query)
         self.last.lookup_seconds += lookup
         began = time.perf_counter()
         install_segment(session.model, session.cache, session.sink_ids, ids)

@@ -24,8 +24,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.architectures import describe
 from ..core.attention import install
-from ..core.cache import CacheState, RowStats, StreamingCache, check_int
-from ..runtime.engine import Engine, Request, Stream, StreamBrokenError, check_max_new_tokens
+from ..core.cache import CacheState, StreamingCache, check_int
+from ..runtime.engine import CacheView, Engine, Request, StreamBrokenError, check_max_new_tokens
 from ..runtime.generation import GenerationChunk, TextStream, eos_ids, run_text_request
 from ..runtime.sampling import Sampler, SamplingConfig
 from ..runtime.tokenize import stream_tokens
@@ -73,75 +73,6 @@ class IngestStats:
     seconds: float
     tokens_per_second: float
     characters: int = 0
-
-
-class CacheView:
-    """A session's row of the cache, read-only: its counters and sizes (what ``session.cache`` gives).
-
-    Attributes mirror a one-row :class:`~streaming_llm.core.cache.StreamingCache`: ``seen_tokens``,
-    ``cached_tokens``, ``evicted_tokens``, ``segment_len``, ``start_size``, ``recent_size``,
-    ``segment_capacity``, ``nbytes``. The pinned segment is replaced with :meth:`set_segment` (through
-    the engine); nothing else of the cache can be changed through a view.
-    """
-
-    def __init__(self, engine: Engine, stream: Stream):
-        self._engine, self._stream = engine, stream
-
-    def _row(self) -> RowStats:
-        return self._engine.row_stats(self._stream)
-
-    @property
-    def seen_tokens(self) -> int:
-        return self._row().seen_tokens
-
-    @property
-    def cached_tokens(self) -> int:
-        return self._row().cached_tokens
-
-    @property
-    def evicted_tokens(self) -> int:
-        return self._row().evicted_tokens
-
-    @property
-    def segment_len(self) -> int:
-        return self._row().segment_tokens
-
-    @property
-    def start_size(self) -> int:
-        return self._stream.start_size
-
-    @property
-    def recent_size(self) -> int:
-        return self._engine.cache.recent_size
-
-    @property
-    def segment_capacity(self) -> int:
-        return self._engine.cache.segment_capacity
-
-    @property
-    def capacity(self) -> int:
-        return self._row().capacity
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of cache storage the session's row holds (constant)."""
-        return self._row().cache_bytes
-
-    @property
-    def forward_cache(self) -> StreamingCache:
-        """The cache object the model's forwards receive (the engine's, shared by its rows): what a forward hook
-        compares with to recognise this engine's forwards."""
-        return self._engine.cache
-
-    def set_segment(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Replace the row's pinned segment (see :meth:`StreamingCache.set_segment`)."""
-        self._engine.set_segment(self._stream, keys, values)
-
-    def clear_segment(self) -> None:
-        """Remove the row's pinned segment."""
-        empty = torch.zeros(1, self._engine.cache.spec.num_kv_heads, 0, self._engine.cache.spec.head_dim)
-        layers = self._engine.cache.spec.num_layers
-        self._engine.set_segment(self._stream, [empty] * layers, [empty] * layers)
 
 
 class StreamingSession:
@@ -292,8 +223,11 @@ class StreamingSession:
         return self.stream.broken
 
     # -- feeding ----------------------------------------------------------------------------------
-    def _tokens(self, text: str) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of ``text`` as this session feeds them (no special tokens added)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    _tokens = tokenize
 
     def _check_usable(self) -> None:
         if self.broken:
@@ -337,7 +271,8 @@ class StreamingSession:
             if isinstance(self.memory, HybridMemory) and len(self.pending_ids) >= self.memory.update_every:
                 self.update_summary()
         if isinstance(self.memory, RetrievalMemory):
-            self.memory.observe(self)  # index evicted text as passages
+            evicted, self.pending_ids = self.pending_ids, []
+            self.memory.observe(self, evicted)  # index evicted text as passages
 
     def update_summary(self) -> None:
         """Fold the evicted-but-unsummarised text into the pinned summary (hybrid memory)."""
