@@ -673,7 +673,7 @@ class StreamingCache(Cache):
 
     @property
     def storage(self) -> tuple[torch.dtype, torch.device] | None:
-        """The dtype and device of the allocated storage; None while a lazily sized cache waits for its first forward."""
+        """The dtype and device of the allocated storage (None: a lazily sized cache before its first forward)."""
         keys = self.groups[0].keys
         return None if keys is None else (keys.dtype, keys.device)
 
