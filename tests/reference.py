@@ -11,6 +11,10 @@ MLPs are reused.
 
 Layers the model itself trains as sliding-window layers keep their last ``sliding_window`` tokens
 (no sinks), also at slot positions; soft-capped logits (Gemma 2) are capped as the model does.
+
+Learned sink logits (gpt-oss's ``s_aux``, one per query head) are appended to every head's scores
+before the softmax and their column is dropped after it, as the paper of that model describes; they
+are the model's own and apply on top of the StreamingLLM sink tokens kept in the lists.
 """
 
 from __future__ import annotations
@@ -73,7 +77,12 @@ class SlowStreamingReference:
         scores = (q @ k.transpose(-1, -2)) * scale
         if kwargs.get("softcap") is not None:
             scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-        out = (scores.softmax(dim=-1) @ v).to(query.dtype)
+        if kwargs.get("s_aux") is not None:  # one more logit per head, no value: softmax, then drop it
+            sink = kwargs["s_aux"].double().reshape(1, -1, 1, 1)
+            probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            probs = scores.softmax(dim=-1)
+        out = (probs @ v).to(query.dtype)
         if n > start + recent:  # evict: keep the first `start` and the latest `recent`
             del keys[start], values[start]
         return out.transpose(1, 2).contiguous(), None

@@ -9,6 +9,7 @@ cache), and through ``generate()``. The README's support matrix is generated fro
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -37,10 +38,23 @@ class Case:
     recent: int = RECENT
     chunks: tuple[int, ...] = (1, 7, 60)
     generate: bool = True
+    prepare: Callable | None = None  # adjusts the random model (e.g. learned sinks large enough to matter)
 
     def model(self):
         torch.manual_seed(0)
-        return T.AutoModelForCausalLM.from_config(self.config(**self.kwargs)).eval()
+        model = T.AutoModelForCausalLM.from_config(self.config(**self.kwargs)).eval()
+        if self.prepare is not None:
+            self.prepare(model)
+        return model
+
+
+def learned_sinks(model) -> None:
+    """gpt-oss initialises its sink logits near 0; spread them over [-2, 2] so that they weigh in every softmax."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("self_attn.sinks"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 4 - 2)
 
 
 CASES = [
@@ -138,6 +152,22 @@ CASES = [
     ),  # fmt: skip
     Case("OLMo", T.OlmoConfig, dict(BASE, **TOKENS, clip_qkv=8.0), notes="qkv clipping"),
     Case("OLMo 2", T.Olmo2Config, dict(BASE, **TOKENS), notes="q/k norms before RoPE"),
+    Case(
+        "gpt-oss",
+        T.GptOssConfig,
+        dict(
+            BASE,
+            intermediate_size=64,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        prepare=learned_sinks,
+        notes="learned sink logits per head in every softmax (besides the 4 sink tokens); sliding layer keeps its "
+        "window; mixture of experts; YaRN RoPE",
+    ),  # fmt: skip
 ]
 
 

@@ -39,6 +39,7 @@ SUPPORTED: dict[str, str] = {
     "gemma3_text": "Gemma 3 (text)",
     "olmo": "OLMo",
     "olmo2": "OLMo 2",
+    "gpt_oss": "gpt-oss",
 }
 
 # Position schemes we know we cannot stream (yet), with the reason shown to users.
