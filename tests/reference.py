@@ -12,6 +12,12 @@ MLPs are reused.
 Layers the model itself trains as sliding-window layers keep their last ``sliding_window`` tokens
 (no sinks), also at slot positions; soft-capped logits (Gemma 2) are capped as the model does.
 
+Layouts, as each model's own RoPE function lays them out (read from its code, not from the package):
+layers without RoPE (SmolLM3's ``no_rope_layers``, Cohere 2's global layers) rotate nothing;
+Cohere, GLM and DeepSeek-V2 rotate interleaved pairs ``(2i, 2i + 1)``; latent attention (DeepSeek)
+hands attention keys ``[no-RoPE part | RoPE part]``, of which only the last ``qk_rope_head_dim`` dims
+are rotated, and values of another size.
+
 Learned sink logits (gpt-oss's ``s_aux``, one per query head) are appended to every head's scores
 before the softmax and their column is dropped after it, as the paper of that model describes; they
 are the model's own and apply on top of the StreamingLLM sink tokens kept in the lists.
@@ -25,14 +31,34 @@ from transformers import AttentionInterface
 NAME = "slow_streaming_reference"
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """rotate_half-style RoPE of x (..., n, d) at integer positions (n,), float64 angles."""
+def _rotate(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, offset: int = 0, interleaved: bool = False
+) -> torch.Tensor:
+    """RoPE of x (..., n, d) at integer positions (n,), float64 angles, on dims offset .. offset + 2 * len(inv_freq).
+
+    rotate_half style (dim i turns with dim i + half) unless ``interleaved`` (dim 2i with dim 2i + 1)."""
     rot = 2 * inv_freq.numel()
     angles = positions.double()[:, None] * inv_freq.double()[None, :]
     cos, sin = angles.cos(), angles.sin()
     x64 = x.double()
-    x1, x2, tail = x64[..., : rot // 2], x64[..., rot // 2 : rot], x64[..., rot:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, tail), dim=-1)
+    head, part, tail = x64[..., :offset], x64[..., offset : offset + rot], x64[..., offset + rot :]
+    if interleaved:
+        x1, x2 = part[..., 0::2], part[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = part[..., : rot // 2], part[..., rot // 2 :]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((head, rotated, tail), dim=-1)
+
+
+def _uses_rope(config, i: int, layer_type: str) -> bool:
+    """Whether layer i applies RoPE at all (SmolLM3: ``no_rope_layers[i] == 0`` means none; Cohere 2: only
+    its sliding layers)."""
+    if config.model_type == "smollm3":
+        return bool(config.no_rope_layers[i])
+    if config.model_type == "cohere2":
+        return layer_type == "sliding_attention"
+    return True
 
 
 class SlowStreamingReference:
@@ -46,13 +72,17 @@ class SlowStreamingReference:
             sliding = getattr(config, "sliding_window", None) is not None
             types = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
         buffers = dict(model.named_buffers())
+        interleaved = config.model_type in ("cohere", "cohere2", "glm", "glm4", "deepseek_v2")
+        offset = getattr(config, "qk_nope_head_dim", 0) if hasattr(config, "kv_lora_rank") else 0
         self.layers = []  # per layer: (inv_freq, kept sinks, kept recent)
-        for layer_type in types:
+        for i, layer_type in enumerate(types):
             name = next(n for n in buffers if n.endswith(f"{layer_type}_inv_freq") or n.endswith("rotary_emb.inv_freq"))
+            inv_freq = buffers[name].double() if _uses_rope(config, i, layer_type) else torch.zeros(0).double()
             if layer_type == "sliding_attention":
-                self.layers.append((buffers[name].double(), 0, config.sliding_window - 1))
+                self.layers.append((inv_freq, 0, config.sliding_window - 1))
             else:
-                self.layers.append((buffers[name].double(), start, recent))
+                self.layers.append((inv_freq, start, recent))
+        self.layout = {"offset": offset, "interleaved": interleaved}
         self.keys: dict[int, list[torch.Tensor]] = {}
         self.values: dict[int, list[torch.Tensor]] = {}
         AttentionInterface.register(NAME, self._attention)
@@ -67,9 +97,9 @@ class SlowStreamingReference:
         inv_freq, start, recent = self.layers[layer]
         n = len(keys)
         slots = torch.arange(n)
-        k = _rotate(torch.cat(keys, dim=-2), slots, inv_freq)
+        k = _rotate(torch.cat(keys, dim=-2), slots, inv_freq, **self.layout)
         v = torch.cat(values, dim=-2).double()
-        q = _rotate(query, slots[-1:], inv_freq)
+        q = _rotate(query, slots[-1:], inv_freq, **self.layout)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)

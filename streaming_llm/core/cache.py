@@ -180,8 +180,12 @@ class LayerGroup:
     ``pinned`` (canonical pinned keys, ``(layers, rows, kv_heads, Z + P, dim)``).
     """
 
-    def __init__(self, shape: Window, rope: Rope, layer_ids: list[int], segment_capacity: int, pinned_capacity: int):
+    def __init__(
+        self, shape: Window, rope: Rope, layer_ids: list[int], segment_capacity: int, pinned_capacity: int,
+        query_rope: Rope | None = None,
+    ):  # fmt: skip
         self.shape, self.rope, self.layer_ids = shape, rope, layer_ids
+        self.query_rope = query_rope or rope  # how attention turns queries back (latent attention differs)
         self.segment_capacity, self.pinned_capacity = segment_capacity, pinned_capacity
         self.rows: list[Row] = []
         self.keys: torch.Tensor | None = None
@@ -268,12 +272,12 @@ class LayerGroup:
             )
             self._turn_pinned(rows, m0 - w.in_cache_position(t0, row.segment_len))
             plan = ChunkPlan(rows, t0, m0, length, "view", n_new_sinks, self.first(b), last,
-                             segment_len=row.segment_len, recent_size=w.recent_size, rope=self.rope)  # fmt: skip
+                             segment_len=row.segment_len, recent_size=w.recent_size, rope=self.query_rope)  # fmt: skip
         else:
             plan = ChunkPlan(
                 rows, t0, m0, length, "banded", n_new_sinks, n_pinned=min(end, w.start_size) + row.segment_len,
                 segment_len=row.segment_len, rest_start=max(w.start_size, t0 - w.recent_size),
-                offsets=w.pin_offsets(t0, m0, length, row.segment_len), recent_size=w.recent_size, rope=self.rope,
+                offsets=w.pin_offsets(t0, m0, length, row.segment_len), recent_size=w.recent_size, rope=self.query_rope,
             )  # fmt: skip
         for r in rows:
             self.rows[r].seen = end
@@ -625,11 +629,11 @@ class StreamingCache(Cache):
         members: list[tuple[LayerGroup, int]] = []
         for i, spec in enumerate(self.spec.layers):
             full = spec.sliding_window is None  # full attention: sinks + window; else the model's own window
-            key = (spec.sliding_window, spec.rope.rotary_dim, tuple(spec.rope.inv_freq.tolist()))
+            key = (spec.sliding_window, spec.rope.key, spec.queries.key)
             if key not in groups:
                 shape = self.window if full else Window(0, spec.sliding_window - 1, limit)
                 segment, pinned = (self.segment_capacity, self.pinned_capacity) if full else (0, 0)
-                groups[key] = LayerGroup(shape, spec.rope, [], segment, pinned)
+                groups[key] = LayerGroup(shape, spec.rope, [], segment, pinned, spec.query_rope)
             members.append((groups[key], len(groups[key].layer_ids)))
             groups[key].layer_ids.append(i)
         return list(groups.values()), members
@@ -648,7 +652,7 @@ class StreamingCache(Cache):
         rank holds only its share), default the model's."""
         heads, dim = heads or self.spec.num_kv_heads, self.spec.head_dim
         for g in self.groups:
-            g.allocate(rows, heads, dim, dim, dtype, device)
+            g.allocate(rows, heads, dim, self.spec.value_size, dtype, device)
         fields = len(SHARED_FIELDS) + len(GROUP_FIELDS) * len(self.groups)
         self._host = torch.zeros(fields, rows, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._dev = torch.zeros(fields, rows, dtype=torch.int64, device=device)
@@ -949,6 +953,8 @@ class StreamingCache(Cache):
                 f"This StreamingCache was built for a model with {len(self.layers)} layers, but layer {layer_idx} "
                 "used it. Build the cache from the model that uses it."
             )
+        if self.spec.latent:  # (latent, RoPE key): the RoPE key is stored where keys go, and rotated
+            key_states, value_states = value_states, key_states
         implementation = getattr(self.config, "_attn_implementation", None)
         if implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(
@@ -974,7 +980,7 @@ class StreamingCache(Cache):
             out = layer.group.write_decode(plan, layer.index, self._dev[at, : plan.n], key_states, value_states)
         else:
             out = layer.group.write_chunk(plan, layer.index, key_states, value_states)
-        return out
+        return (out[1], out[0]) if self.spec.latent else out
 
     def _plan_forward(self, position_ids: torch.Tensor | None, batch: int, length: int) -> None:
         """A forward nobody planned (a transformers loop): a chunk for every row, all in the same state."""
@@ -1077,6 +1083,8 @@ class StreamingCache(Cache):
             raise ValueError(f"The segment holds at most {self.segment_capacity} tokens, got {n}.")
         if self.main.rows[b].seen < self.main.rows[b].window.start_size:
             raise ValueError("A pinned segment can only be set once the whole pinned prefix is in the cache.")
+        if self.spec.latent:  # the model's (latent, RoPE key), stored the other way round (see update)
+            keys, values = values, keys
         for g in self.groups:
             if g.segment_capacity:  # sliding layers keep their own window only
                 g.set_segment(b, keys, values)
@@ -1171,8 +1179,9 @@ class StreamingCache(Cache):
         for source, layer in zip(cache.layers, streaming.layers, strict=True):
             if source.keys is None or source.keys.numel() == 0:
                 continue
-            streaming._check_shapes(source.keys, source.values)
-            streaming._take_layer(layer, source.keys, source.values, total)
+            keys, values = (source.values, source.keys) if streaming.spec.latent else (source.keys, source.values)
+            streaming._check_shapes(keys, values)
+            streaming._take_layer(layer, keys, values, total)
         for g in streaming.groups:
             for r in g.rows:
                 r.seen, r.shift, r.rotation = total, 0, 0

@@ -51,6 +51,11 @@ class Rope:
     offset: int = 0
     interleaved: bool = False
 
+    @property
+    def key(self) -> tuple:
+        """A hashable description (two layers with equal keys rotate identically)."""
+        return (self.rotary_dim, self.offset, self.interleaved, tuple(self.inv_freq.tolist()))
+
     def rotate(self, x: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` by ``delta`` positions, the way the model's RoPE would have.
 
