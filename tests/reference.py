@@ -18,6 +18,10 @@ Cohere, GLM and DeepSeek-V2 rotate interleaved pairs ``(2i, 2i + 1)``; latent at
 hands attention keys ``[no-RoPE part | RoPE part]``, of which only the last ``qk_rope_head_dim`` dims
 are rotated, and values of another size.
 
+Recurrent layers of hybrid models (gated delta-nets, short convolutions, Mamba) keep their state in a
+transformers ``DynamicCache``, exactly as transformers runs them token by token; its attention layers'
+keys are ignored here (this file's attention keeps its own lists), only the state matters.
+
 Learned sink logits (gpt-oss's ``s_aux``, one per query head) are appended to every head's scores
 before the softmax and their column is dropped after it, as the paper of that model describes; they
 are the model's own and apply on top of the StreamingLLM sink tokens kept in the lists.
@@ -26,7 +30,7 @@ are the model's own and apply on top of the StreamingLLM sink tokens kept in the
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 
 NAME = "slow_streaming_reference"
 
@@ -92,8 +96,8 @@ class SlowStreamingReference:
         layer = module.layer_idx
         keys = self.keys.setdefault(layer, [])
         values = self.values.setdefault(layer, [])
-        keys.append(key)
-        values.append(value)
+        keys.append(key[:, :, -1:])  # with a DynamicCache (hybrid models) the cache's history is ignored
+        values.append(value[:, :, -1:])
         inv_freq, start, recent = self.layers[layer]
         n = len(keys)
         slots = torch.arange(n)
@@ -122,13 +126,17 @@ class SlowStreamingReference:
         """Feed ``input_ids`` (1, n) token by token; return logits (n, vocab) in float64."""
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(NAME)
+        types = getattr(self.model.config, "layer_types", None) or []
+        recurrent = any(t in ("linear_attention", "conv", "mamba", "hybrid") for t in types)
+        state = {"past_key_values": DynamicCache(config=self.model.config)} if recurrent else {}
         try:
             rows = []
             for i in range(input_ids.shape[1]):
                 out = self.model(
                     input_ids=input_ids[:, i : i + 1],
                     position_ids=torch.zeros(1, 1, dtype=torch.long),
-                    use_cache=False,
+                    use_cache=bool(state),
+                    **state,
                 )
                 rows.append(out.logits[0, -1].double())
             return torch.stack(rows)

@@ -269,6 +269,50 @@ CASES = [
         dict(MLA, **TOKENS),
         notes="latent attention (latent + RoPE key cached); interleaved complex RoPE; mixture of experts",
     ),
+    # Hybrid recurrent models: the recurrent layers keep their own constant state, the attention layers stream.
+    Case(
+        "Qwen3-Next",
+        T.Qwen3NextConfig,
+        dict(
+            BASE,
+            **TOKENS,
+            num_hidden_layers=4,
+            head_dim=16,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+        notes="hybrid: 3 gated delta-net layers keep their recurrent + conv state, 1 gated attention layer streams "
+        "(partial rotary 25%); mixture of experts",
+    ),  # fmt: skip
+    Case(
+        "LFM2",
+        T.Lfm2Config,
+        dict(BASE, **TOKENS, num_hidden_layers=4, full_attn_idxs=[1, 3]),
+        notes="hybrid: short-convolution layers keep their conv window, attention layers stream; q/k norms",
+    ),
+    Case(
+        "Falcon-H1",
+        T.FalconH1Config,
+        dict(
+            BASE,
+            **TOKENS,
+            head_dim=16,
+            mamba_d_ssm=64,
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_chunk_size=8,
+        ),
+        notes="hybrid: every layer runs attention (streams) beside Mamba-2 (keeps its SSM + conv state)",
+    ),  # fmt: skip
 ]
 
 
@@ -341,6 +385,8 @@ def test_phi3_longrope_refuses_positions_past_the_short_factors():
             "AttentionInterface",
         ),  # fmt: skip
         (T.GPT2Config(n_layer=1, n_embd=32, n_head=2), "learned absolute"),
+        (T.JambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), "initial state"),
+        (T.Llama4TextConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), "chunked"),
     ],
 )
 def test_unsupported_families_raise_a_clear_error(config, reason):

@@ -15,7 +15,6 @@ import math
 
 import pytest
 import test_decode_kernel as dk
-import test_kernels as bk
 import torch
 import transformers as T
 from reference import SlowStreamingReference
@@ -128,6 +127,48 @@ def banded_reference(sinks, softcap=None, **inputs):
     return probs @ torch.cat((per_head(inputs["pin_v"]), per_head(inputs["rest_v"])), dim=2)
 
 
+def banded_case(dtype=torch.float32, sinks_pinned=False, device="cpu", **overrides) -> dict:
+    """Random inputs of ``banded_attention`` (as tests/test_kernels.py builds them): sinks at stream indices
+    ``0..n_sinks-1``, then a segment; recent keys ``extra`` before the chunk, then the chunk's own."""
+    c = dict(seed=0, batch=1, kv_heads=2, groups=2, q_len=12, extra=5, n_sinks=4, n_segment=2, window=6, dim=8,
+             dim_v=8, query_first=40) | overrides  # fmt: skip
+    g = torch.Generator().manual_seed(c["seed"])
+    heads = c["kv_heads"] * c["groups"]
+    rest_first = max(c["n_sinks"], c["query_first"] - c["window"]) if sinks_pinned else c["query_first"] - c["extra"]
+    n_pin, n_rest = c["n_sinks"] + c["n_segment"], c["query_first"] + c["q_len"] - rest_first
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    return dict(
+        query=rand(c["batch"], heads, c["q_len"], c["dim"]),
+        query_back=rand(c["batch"], heads, c["q_len"], c["dim"]),
+        pin_k=rand(c["batch"], c["kv_heads"], n_pin, c["dim"]),
+        pin_v=rand(c["batch"], c["kv_heads"], n_pin, c["dim_v"]),
+        pin_index=torch.cat((torch.arange(c["n_sinks"]), torch.full((c["n_segment"],), -1))).long().to(device),
+        rest_k=rand(c["batch"], c["kv_heads"], n_rest, c["dim"]),
+        rest_v=rand(c["batch"], c["kv_heads"], n_rest, c["dim_v"]),
+        rest_first=rest_first,
+        query_first=c["query_first"],
+        window=c["window"],
+        scaling=c["dim"] ** -0.5,
+    )
+
+
+EDGES = {
+    "no pinned keys": dict(n_sinks=0, n_segment=0),
+    "first chunk: its sinks are pinned, not recent": dict(query_first=0, q_len=12, sinks_pinned=True),
+    "chunk longer than the window": dict(q_len=20, window=3),
+    "segment only": dict(n_sinks=0, n_segment=3),
+    "one query": dict(q_len=1, extra=7),
+}
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    err = (actual.double().cpu() - expected).abs().max().item()
+    assert err <= rtol * max(expected.abs().max().item(), 1.0), f"max abs error {err} (rtol {rtol})"
+
+
 def run_banded(path, inputs, sinks, softcap=None, block=None):
     if path == "flex":  # GPU path; on CPU reachable only with eager FlexAttention, called directly
         band = banded._Band(inputs["rest_first"], inputs["query_first"], inputs["window"], inputs["rest_k"].shape[2],
@@ -148,30 +189,42 @@ def eager_flex():
 
 
 @pytest.mark.parametrize("path", banded.PATHS)
-@pytest.mark.parametrize("edge", ["no pinned keys", "first chunk: its sinks are pinned, not recent",
-                                  "chunk longer than the window", "segment only", "one query"])  # fmt: skip
+@pytest.mark.parametrize("edge", EDGES)
 def test_banded_attention_with_sinks(eager_flex, path, edge):
-    inputs = bk.fixed_case(**bk.EDGE_CASES[edge])
+    inputs = banded_case(**EDGES[edge])
     sinks = sink_logits(inputs["query"].shape[1], seed=1)
     softcaps = (None, 2.5) if path in ("explicit", "flex", "flex_concat") else (None,)
     for softcap in softcaps:
         expected = banded_reference(sinks, softcap, **inputs)
-        bk.assert_close(run_banded(path, inputs, sinks, softcap, block=5), expected, 1e-5)
+        close(run_banded(path, inputs, sinks, softcap, block=5), expected, 1e-5)
         without = run_banded(path, inputs, None, softcap, block=5)
         assert (without.double() - expected).abs().max() > 1e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NOT RUN: needs a CUDA device")
+@pytest.mark.parametrize("path", ["explicit", "sdpa_concat", "sdpa_lse", "flex", "flex_concat"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_banded_sinks_on_cuda(path, dtype):
+    """Every path on the GPU (compiled FlexAttention included), a chunk of 300 over a window of 100."""
+    inputs = banded_case(dtype, device="cuda", q_len=300, extra=100, window=100, dim=64, dim_v=64, groups=4)
+    sinks = sink_logits(inputs["query"].shape[1], seed=4).cuda()
+    cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    got = banded_attention(**inputs, path=path, block=128, sinks=sinks)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    close(got, banded_reference(sinks.cpu(), **cpu), 1e-4 if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("path", ["explicit", "sdpa_concat", "sdpa_lse"])
 def test_banded_sinks_in_bfloat16(path):
-    inputs = bk.fixed_case(dtype=torch.bfloat16, q_len=30, extra=10, window=12, dim=16, dim_v=16)
+    inputs = banded_case(torch.bfloat16, q_len=30, extra=10, window=12, dim=16, dim_v=16)
     sinks = sink_logits(inputs["query"].shape[1], seed=3).to(torch.bfloat16)
     got = banded_attention(**inputs, path=path, block=8, sinks=sinks)
     assert got.dtype == torch.bfloat16
-    bk.assert_close(got, banded_reference(sinks, **inputs), 2e-2)
+    close(got, banded_reference(sinks, **inputs), 2e-2)
 
 
 def test_banded_sinks_are_checked():
-    inputs = bk.fixed_case()
+    inputs = banded_case()
     with pytest.raises(ValueError, match="sinks must be a float tensor"):
         banded_attention(**inputs, sinks=torch.zeros(3))
 

@@ -21,6 +21,10 @@ What streaming means per layer type:
   the ``qk_nope_head_dim`` others: :attr:`LayerSpec.query_rope`).
 * Mixture-of-experts MLPs (Mixtral, Qwen-MoE, OLMoE, GLM-4-MoE, gpt-oss, DeepSeek) do not touch the
   cache: routing is per token.
+* Recurrent layers of hybrid models (Qwen3-Next's gated delta-net, LFM2's short convolutions, the
+  Mamba-2 half of every Falcon-H1 layer) already carry a constant-size state. The cache keeps it as
+  transformers' own cache does (conv windows and recurrent states, one per row) and streams only the
+  attention layers, so the whole model runs endlessly in constant memory.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ SUPPORTED: dict[str, str] = {
     "glm4": "GLM-4",
     "deepseek_v2": "DeepSeek-V2",
     "deepseek_v3": "DeepSeek-V3",
+    "qwen3_next": "Qwen3-Next",
+    "lfm2": "LFM2",
+    "falcon_h1": "Falcon-H1",
 }
 
 # Families whose RoPE turns interleaved pairs (2i, 2i + 1) in the keys the cache stores.
@@ -80,13 +87,18 @@ UNSUPPORTED: dict[str, str] = {
     "gpt_bigcode": "learned absolute position embeddings",
     "opt": "learned absolute position embeddings",
     "gptj": "its attention does not go through transformers' AttentionInterface (and rotates interleaved pairs)",
+    "jamba": "transformers' Jamba ignores the recurrent state in multi-token forwards (its selective scan has no "
+    "initial state), so no chunked ingestion of a continuing stream can be exact",
     "llama4_text": "chunked local attention at absolute chunk boundaries, interleaved complex RoPE and NoPE layers "
     "whose query temperature grows with the absolute position: none of it is expressible at in-cache positions",
 }
 
 # RoPE types whose frequencies do not depend on the sequence length ("longrope" is handled apart).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "conv", "hybrid")
+# Layer types with a recurrent state and no attention, and with both (Falcon-H1: attention and Mamba side by side).
+RECURRENT_TYPES = ("linear_attention", "conv")
+HYBRID_TYPES = ("hybrid",)
 
 # Frequencies read from a model's own rotary buffers, per config object (see `bind_model`). The
 # config describes which frequencies a layer uses; the model's buffers hold their exact values,
@@ -105,11 +117,15 @@ class LayerSpec:
             natively attends to its last ``w`` tokens only.
         query_rope: How its queries are rotated, when that differs from the stored keys (latent
             attention: the RoPE part of a query comes after its ``qk_nope_head_dim`` other dims).
+        attention: The layer has attention (keys and values in the streaming cache).
+        recurrent: The layer has a recurrent state (conv window, SSM or delta-rule state), kept per row.
     """
 
     rope: Rope
     sliding_window: int | None = None
     query_rope: Rope | None = None
+    attention: bool = True
+    recurrent: bool = False
 
     @property
     def queries(self) -> Rope:
@@ -151,7 +167,12 @@ class ModelSpec:
 
     @property
     def ropes(self) -> tuple[Rope, ...]:
-        return tuple(layer.rope for layer in self.layers)
+        return tuple(layer.rope for layer in self.layers if layer.attention)
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """Model layers that carry a recurrent state."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.recurrent)
 
     def identity(self) -> dict[str, object]:
         """Fields that must match for a cache to be reused with a model (also saved in sessions)."""
@@ -161,9 +182,10 @@ class ModelSpec:
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             **({"value_dim": self.value_dim, "latent": True} if self.latent else {}),
-            "rotary_dims": sorted({layer.rope.rotary_dim for layer in self.layers}),
-            "inv_freq_sums": sorted({round(float(layer.rope.inv_freq.sum()), 4) for layer in self.layers}),
+            "rotary_dims": sorted({rope.rotary_dim for rope in self.ropes}),
+            "inv_freq_sums": sorted({round(float(rope.inv_freq.sum()), 4) for rope in self.ropes}),
             "sliding_windows": [layer.sliding_window for layer in self.layers],
+            **({"recurrent_layers": list(self.recurrent_layers)} if self.recurrent_layers else {}),
         }
 
 
@@ -197,6 +219,10 @@ def describe(config: PretrainedConfig) -> ModelSpec:
     nope = _no_rope_layers(config, model_type, types)
     layers, limit = [], None
     for i, layer_type in enumerate(types):
+        if layer_type in RECURRENT_TYPES:  # no attention: nothing positional, only its own state
+            none = Rope(inv_freq=torch.zeros(0, dtype=torch.float64), rotary_dim=0)
+            layers.append(LayerSpec(none, attention=False, recurrent=True))
+            continue
         rope, layer_limit = _rope(config, head_dim, layer_type)
         limit = layer_limit if limit is None else min(limit, layer_limit or limit)
         window = config.sliding_window if layer_type == "sliding_attention" else None
@@ -204,7 +230,7 @@ def describe(config: PretrainedConfig) -> ModelSpec:
         if i in nope:
             rope = Rope(inv_freq=torch.zeros(0, dtype=torch.float64), rotary_dim=0)
         query_rope = replace(rope, offset=config.qk_nope_head_dim) if latent else None
-        layers.append(LayerSpec(rope, window, query_rope))
+        layers.append(LayerSpec(rope, window, query_rope, recurrent=layer_type in HYBRID_TYPES))
     return ModelSpec(
         model_type=model_type,
         num_kv_heads=heads,
