@@ -152,6 +152,28 @@ def test_memory_is_constant_over_an_endless_stream():
     assert cache.seen_tokens == 300 and cache.evicted_tokens == 300 - case.start - case.recent
 
 
+def test_session_file_carries_the_recurrent_states(tokenizer, tmp_path):
+    """A chat session on a hybrid model saves and loads (the states travel in the file) and continues identically."""
+    import transformers as T
+
+    from streaming_llm import StreamingSession
+
+    case = family("Qwen3-Next")
+    torch.manual_seed(0)
+    model = streaming_llm.install(
+        T.AutoModelForCausalLM.from_config(case.config(**{**case.kwargs, "vocab_size": len(tokenizer)})).eval()
+    )
+    session = StreamingSession(model, tokenizer, "Be brief.", recent_size=40)
+    for question in ["First question?", "Second, longer question about streaming caches?"]:
+        session.chat(question, max_new_tokens=15)
+    assert session.stats().evicted_tokens > 0
+    assert sum(name.startswith("cache.states.recurrent.") for name in session.state()[0]) == 3
+    restored = StreamingSession.load(session.save(tmp_path / "chat.safetensors"), model, tokenizer)
+    torch.testing.assert_close(restored.last_logits, session.last_logits, atol=0, rtol=0)
+    assert session.chat("Third?", max_new_tokens=10) == restored.chat("Third?", max_new_tokens=10)
+    torch.testing.assert_close(restored.last_logits, session.last_logits, atol=1e-6, rtol=0)
+
+
 def test_memory_segments_are_refused_clearly():
     from streaming_llm.sessions.memory import encode_segment
 
