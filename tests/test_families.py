@@ -5,6 +5,9 @@
   must equal the slow reference of its own stream (tests/reference.py).
 * Mixture of experts: the tiny MoE models really route tokens to different experts (so the tests above
   exercise routing), and the cache is that of the attention around it.
+* Captured decode: one family per mechanism, its decode step compiled with ``torch.compile(fullgraph=True)``
+  compiles once over 60 steps (rebases included) and equals the eager step: nothing in it reads a host value,
+  the property the CUDA-graph capture on a GPU needs (tests/test_families_cuda.py runs that).
 * Controls: each mechanism's handling, switched off in the product, makes the comparison with the reference
   fail, so the tests would catch a mistake: NoPE layers rotated as if they had RoPE, interleaved RoPE turned
   "rotate_half" style, latent attention's queries turned back on the wrong dims. (Learned sinks have theirs in
@@ -19,6 +22,7 @@ import pytest
 import torch
 from reference import SlowStreamingReference
 from test_architectures import CASES, Case, N, reference, stream
+from torch._dynamo.testing import CompileCounter
 
 import streaming_llm
 from streaming_llm import StreamingCache
@@ -89,6 +93,30 @@ def test_mixture_of_experts_models_route_tokens_to_different_experts(family):
         assert chosen.shape[0] == N
         assert len({tuple(row.tolist()) for row in chosen}) > 1, f"{name} always picks the same experts"
         assert torch.equal(chosen, by_size[7][name])
+
+
+CAPTURED = ["gpt-oss", "Mixtral (sliding window)", "SmolLM3", "DeepSeek-V3", "Qwen3-Next", "LFM2", "Falcon-H1"]
+
+
+@pytest.mark.parametrize("name", CAPTURED)
+@torch.no_grad()
+def test_decode_step_compiles_once_and_matches_eager(name):
+    family = case(name)
+    model = streaming_llm.install(family.model())
+    ids = torch.randint(3, 128, (80,), generator=torch.Generator().manual_seed(0))
+    caches = [StreamingCache(model.config, family.start, family.recent, rows=1, dtype=torch.float32, device="cpu")
+              for _ in range(2)]  # fmt: skip
+    eager, compiled = (Stepper(model, c, cuda_graphs=False) for c in caches)
+    counter = CompileCounter()
+    compiled._compiled = torch.compile(compiled._forward, backend=counter, fullgraph=True, dynamic=False)
+    for stepper in (eager, compiled):
+        stepper.prefill(0, ids[:20])
+    positions = set()
+    for t in ids[20:]:
+        torch.testing.assert_close(compiled.decode({0: int(t)})[0], eager.decode({0: int(t)})[0], atol=1e-5, rtol=0)
+        positions.add(caches[1].next_position())
+    assert max(positions) < 60  # rebased on the way
+    assert counter.frame_count == 1
 
 
 # -- controls --------------------------------------------------------------------------------------------------

@@ -1148,7 +1148,8 @@ class StreamingCache(Cache):
     def finish_forward(self) -> None:
         """End of a decode step whose bucket had rows riding along without a token: the model updated the
         recurrent states of every row of the bucket, so only the decoding rows keep the new ones (a masked copy,
-        device work only: part of a captured step). A no-op otherwise; the stepper calls it after every forward."""
+        device work only: part of a captured step). Otherwise it only marks the end of the forward; the stepper
+        calls it after every forward (plain transformers loops need not: a new forward is recognised anyway)."""
         if self._state_merge and self._state_work:
             rows = self._state_rows
             active = self._dev[-1, rows.start : rows.stop].bool()
@@ -1158,6 +1159,7 @@ class StreamingCache(Cache):
                 stored.copy_(torch.where(keep, work, stored))
         self._state_work = {}
         self._state_merge = False
+        self._touched = set()  # the next access begins a new forward (and compiled steps see the same state)
 
     def snapshot_states(self) -> dict[str, torch.Tensor]:
         """Copies of every recurrent state (the stepper restores them after a capture's warm-up step)."""

@@ -86,6 +86,7 @@ class Stepper:
         m0 = self.cache.plan_chunk(b, ids.shape[1])
         positions = torch.arange(m0, m0 + ids.shape[1], device=ids.device)[None]
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **self._kwargs)
+        self.cache.finish_forward()
         return out.logits[0, -1]
 
     @torch.no_grad()
