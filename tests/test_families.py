@@ -95,6 +95,31 @@ def test_mixture_of_experts_models_route_tokens_to_different_experts(family):
         assert torch.equal(chosen, by_size[7][name])
 
 
+@pytest.mark.parametrize("name", ["gpt-oss", "DeepSeek-V3", "DeepSeek-V2", "SmolLM3", "Cohere 2 (Command R7B)"])
+@torch.no_grad()
+def test_seed_loop_takes_a_dynamic_cache_over(name):
+    """The original loop: the prompt runs on a DynamicCache (latent attention: latents and RoPE keys), which the
+    seed API's kv_cache takes over; greedy decoding then continues exactly as the reference."""
+    from streaming_llm.enable_streaming_llm import enable_streaming_llm
+
+    family = case(name)
+    model = family.model()
+    kv_cache = enable_streaming_llm(model, start_size=family.start, recent_size=family.recent)
+    prompt = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(3))
+    past, tokens, logits = None, prompt[0].tolist(), []
+    inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    for _ in range(40):
+        out = model(**inputs, past_key_values=past, use_cache=True)
+        past = kv_cache(out.past_key_values)
+        logits.append(out.logits[0, -1].double())
+        next_id = out.logits[:, -1:].argmax(dim=-1)
+        tokens.append(int(next_id))
+        inputs = {"input_ids": next_id, "attention_mask": torch.ones_like(next_id)}
+    assert isinstance(past, StreamingCache) and past.evicted_tokens > 0
+    expected = SlowStreamingReference(family.model(), family.start, family.recent).logits(torch.tensor([tokens[:-1]]))
+    torch.testing.assert_close(torch.stack(logits), expected[9:], atol=ATOL, rtol=0)
+
+
 CAPTURED = ["gpt-oss", "Mixtral (sliding window)", "SmolLM3", "DeepSeek-V3", "Qwen3-Next", "LFM2", "Falcon-H1"]
 
 
