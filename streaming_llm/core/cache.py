@@ -479,8 +479,9 @@ class RecurrentStates:
         """Copies of row ``b``'s states, ``(1, ...)`` each."""
         return {f"states.{name}": t[b : b + 1].clone() for name, t in self.tensors.items()}
 
-    def restore_row(self, b: int, tensors: Mapping[str, torch.Tensor], rows: int) -> None:
-        """Copy saved states (:meth:`row_tensors`) into row ``b``; storage missing here is allocated from them.
+    def restore_row(self, b: int, tensors: Mapping[str, torch.Tensor], rows: int, device: torch.device) -> None:
+        """Copy saved states (:meth:`row_tensors`, on any device) into row ``b``; storage missing here is allocated
+        from them, for ``rows`` rows on ``device``.
 
         Raises:
             ValueError: A saved state of another shape than this cache's.
@@ -491,7 +492,7 @@ class RecurrentStates:
             name = key[len("states.") :]
             stored = self.tensors.get(name)
             if stored is None:
-                stored = self.allocate(name, rows, saved)
+                stored = self.allocate(name, rows, saved.to(device))
             if tuple(saved.shape[1:]) != tuple(stored.shape[1:]):
                 raise ValueError(
                     f"A saved recurrent state {name} of shape {tuple(saved.shape)} does not fit this model."
@@ -1368,7 +1369,7 @@ class StreamingCache(Cache):
             found = {name: tensors[f"groups.{gi}.{name}"].to(g.keys.device, g.keys.dtype) for name in names}
             g.restore_row(b, found, saved, g.rows[b].window)
         if self.states.layer_ids:
-            self.states.restore_row(b, tensors, self.rows)
+            self.states.restore_row(b, tensors, self.rows, self.groups[0].keys.device)
         if counters.get("positions") not in (None, self.positions):
             raise ValueError(f"This state uses {counters['positions']!r} positions; this cache {self.positions!r}.")
 
