@@ -11,24 +11,58 @@ MLPs are reused.
 
 Layers the model itself trains as sliding-window layers keep their last ``sliding_window`` tokens
 (no sinks), also at slot positions; soft-capped logits (Gemma 2) are capped as the model does.
+
+Layouts, as each model's own RoPE function lays them out (read from its code, not from the package):
+layers without RoPE (SmolLM3's ``no_rope_layers``, Cohere 2's global layers) rotate nothing;
+Cohere, GLM and DeepSeek-V2 rotate interleaved pairs ``(2i, 2i + 1)``; latent attention (DeepSeek)
+hands attention keys ``[no-RoPE part | RoPE part]``, of which only the last ``qk_rope_head_dim`` dims
+are rotated, and values of another size.
+
+Recurrent layers of hybrid models (gated delta-nets, short convolutions, Mamba) keep their state in a
+transformers ``DynamicCache``, exactly as transformers runs them token by token; its attention layers'
+keys are ignored here (this file's attention keeps its own lists), only the state matters.
+
+Learned sink logits (gpt-oss's ``s_aux``, one per query head) are appended to every head's scores
+before the softmax and their column is dropped after it, as the paper of that model describes; they
+are the model's own and apply on top of the StreamingLLM sink tokens kept in the lists.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 
 NAME = "slow_streaming_reference"
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """rotate_half-style RoPE of x (..., n, d) at integer positions (n,), float64 angles."""
+def _rotate(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, offset: int = 0, interleaved: bool = False
+) -> torch.Tensor:
+    """RoPE of x (..., n, d) at integer positions (n,), float64 angles, on dims offset .. offset + 2 * len(inv_freq).
+
+    rotate_half style (dim i turns with dim i + half) unless ``interleaved`` (dim 2i with dim 2i + 1)."""
     rot = 2 * inv_freq.numel()
     angles = positions.double()[:, None] * inv_freq.double()[None, :]
     cos, sin = angles.cos(), angles.sin()
     x64 = x.double()
-    x1, x2, tail = x64[..., : rot // 2], x64[..., rot // 2 : rot], x64[..., rot:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, tail), dim=-1)
+    head, part, tail = x64[..., :offset], x64[..., offset : offset + rot], x64[..., offset + rot :]
+    if interleaved:
+        x1, x2 = part[..., 0::2], part[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = part[..., : rot // 2], part[..., rot // 2 :]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((head, rotated, tail), dim=-1)
+
+
+def _uses_rope(config, i: int, layer_type: str) -> bool:
+    """Whether layer i applies RoPE at all (SmolLM3: ``no_rope_layers[i] == 0`` means none; Cohere 2: only
+    its sliding layers)."""
+    if config.model_type == "smollm3":
+        return bool(config.no_rope_layers[i])
+    if config.model_type == "cohere2":
+        return layer_type == "sliding_attention"
+    return True
 
 
 class SlowStreamingReference:
@@ -42,13 +76,17 @@ class SlowStreamingReference:
             sliding = getattr(config, "sliding_window", None) is not None
             types = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
         buffers = dict(model.named_buffers())
+        interleaved = config.model_type in ("cohere", "cohere2", "glm", "glm4", "deepseek_v2")
+        offset = getattr(config, "qk_nope_head_dim", 0) if hasattr(config, "kv_lora_rank") else 0
         self.layers = []  # per layer: (inv_freq, kept sinks, kept recent)
-        for layer_type in types:
+        for i, layer_type in enumerate(types):
             name = next(n for n in buffers if n.endswith(f"{layer_type}_inv_freq") or n.endswith("rotary_emb.inv_freq"))
+            inv_freq = buffers[name].double() if _uses_rope(config, i, layer_type) else torch.zeros(0).double()
             if layer_type == "sliding_attention":
-                self.layers.append((buffers[name].double(), 0, config.sliding_window - 1))
+                self.layers.append((inv_freq, 0, config.sliding_window - 1))
             else:
-                self.layers.append((buffers[name].double(), start, recent))
+                self.layers.append((inv_freq, start, recent))
+        self.layout = {"offset": offset, "interleaved": interleaved}
         self.keys: dict[int, list[torch.Tensor]] = {}
         self.values: dict[int, list[torch.Tensor]] = {}
         AttentionInterface.register(NAME, self._attention)
@@ -58,14 +96,14 @@ class SlowStreamingReference:
         layer = module.layer_idx
         keys = self.keys.setdefault(layer, [])
         values = self.values.setdefault(layer, [])
-        keys.append(key)
-        values.append(value)
+        keys.append(key[:, :, -1:])  # with a DynamicCache (hybrid models) the cache's history is ignored
+        values.append(value[:, :, -1:])
         inv_freq, start, recent = self.layers[layer]
         n = len(keys)
         slots = torch.arange(n)
-        k = _rotate(torch.cat(keys, dim=-2), slots, inv_freq)
+        k = _rotate(torch.cat(keys, dim=-2), slots, inv_freq, **self.layout)
         v = torch.cat(values, dim=-2).double()
-        q = _rotate(query, slots[-1:], inv_freq)
+        q = _rotate(query, slots[-1:], inv_freq, **self.layout)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
@@ -73,7 +111,12 @@ class SlowStreamingReference:
         scores = (q @ k.transpose(-1, -2)) * scale
         if kwargs.get("softcap") is not None:
             scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-        out = (scores.softmax(dim=-1) @ v).to(query.dtype)
+        if kwargs.get("s_aux") is not None:  # one more logit per head, no value: softmax, then drop it
+            sink = kwargs["s_aux"].double().reshape(1, -1, 1, 1)
+            probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            probs = scores.softmax(dim=-1)
+        out = (probs @ v).to(query.dtype)
         if n > start + recent:  # evict: keep the first `start` and the latest `recent`
             del keys[start], values[start]
         return out.transpose(1, 2).contiguous(), None
@@ -83,13 +126,17 @@ class SlowStreamingReference:
         """Feed ``input_ids`` (1, n) token by token; return logits (n, vocab) in float64."""
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(NAME)
+        types = getattr(self.model.config, "layer_types", None) or []
+        recurrent = any(t in ("linear_attention", "conv", "mamba", "hybrid") for t in types)
+        state = {"past_key_values": DynamicCache(config=self.model.config)} if recurrent else {}
         try:
             rows = []
             for i in range(input_ids.shape[1]):
                 out = self.model(
                     input_ids=input_ids[:, i : i + 1],
                     position_ids=torch.zeros(1, 1, dtype=torch.long),
-                    use_cache=False,
+                    use_cache=bool(state),
+                    **state,
                 )
                 rows.append(out.logits[0, -1].double())
             return torch.stack(rows)

@@ -9,6 +9,7 @@ cache), and through ``generate()``. The README's support matrix is generated fro
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,6 +26,11 @@ N = 3 * (START + RECENT) + 13
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)  # fmt: skip
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Latent attention, small: 4 heads of 16 no-RoPE + 8 RoPE dims, values of 12, a latent of 16, queries via rank 24.
+MLA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+           topk_group=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+           qk_nope_head_dim=16, v_head_dim=12)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,23 @@ class Case:
     recent: int = RECENT
     chunks: tuple[int, ...] = (1, 7, 60)
     generate: bool = True
+    prepare: Callable | None = None  # adjusts the random model (e.g. learned sinks large enough to matter)
 
     def model(self):
         torch.manual_seed(0)
-        return T.AutoModelForCausalLM.from_config(self.config(**self.kwargs)).eval()
+        model = T.AutoModelForCausalLM.from_config(self.config(**self.kwargs)).eval()
+        if self.prepare is not None:
+            self.prepare(model)
+        return model
+
+
+def learned_sinks(model) -> None:
+    """gpt-oss initialises its sink logits near 0; spread them over [-2, 2] so that they weigh in every softmax."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("self_attn.sinks"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 4 - 2)
 
 
 CASES = [
@@ -138,6 +157,162 @@ CASES = [
     ),  # fmt: skip
     Case("OLMo", T.OlmoConfig, dict(BASE, **TOKENS, clip_qkv=8.0), notes="qkv clipping"),
     Case("OLMo 2", T.Olmo2Config, dict(BASE, **TOKENS), notes="q/k norms before RoPE"),
+    Case(
+        "gpt-oss",
+        T.GptOssConfig,
+        dict(
+            BASE,
+            intermediate_size=64,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        prepare=learned_sinks,
+        notes="learned sink logits per head in every softmax (besides the 4 sink tokens); sliding layer keeps its "
+        "window; mixture of experts; YaRN RoPE",
+    ),  # fmt: skip
+    # Mixture of experts: routing is per token, the cache is that of the attention around it.
+    Case(
+        "Qwen3-MoE",
+        T.Qwen3MoeConfig,
+        dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+        notes="mixture of experts; q/k norms",
+    ),
+    Case(
+        "Qwen2-MoE",
+        T.Qwen2MoeConfig,
+        dict(BASE, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+        notes="mixture of experts with a shared expert",
+    ),
+    Case(
+        "Mixtral (sliding window)",
+        T.MixtralConfig,
+        dict(BASE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+        notes="mixture of experts; all layers sliding: each keeps its trained 8-token window, no sinks",
+    ),
+    Case(
+        "Mixtral",
+        T.MixtralConfig,
+        dict(BASE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+        notes="mixture of experts",
+    ),
+    Case(
+        "OLMoE", T.OlmoeConfig, dict(BASE, **TOKENS, num_experts=4, num_experts_per_tok=2), notes="mixture of experts"
+    ),
+    Case(
+        "GLM-4-MoE",
+        T.Glm4MoeConfig,
+        dict(
+            BASE,
+            **TOKENS,
+            head_dim=16,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            use_qk_norm=True,
+        ),
+        notes="mixture of experts (first layer dense); partial rotary (50% of dims); q/k norms",
+    ),  # fmt: skip
+    Case(
+        "Phi-MoE",
+        T.PhimoeConfig,
+        dict(BASE, **TOKENS, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+        notes="mixture of experts",
+    ),
+    Case(
+        "Granite-MoE",
+        T.GraniteMoeConfig,
+        dict(
+            BASE,
+            **TOKENS,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            attention_multiplier=0.2,
+            embedding_multiplier=2.0,
+            logits_scaling=4.0,
+            residual_multiplier=0.5,
+        ),
+        notes="mixture of experts; attention multiplier as the softmax scale",
+    ),  # fmt: skip
+    # Layers without RoPE (NoPE): nothing to rotate; their window and sinks apply.
+    Case(
+        "SmolLM3",
+        T.SmolLM3Config,
+        dict(BASE, **TOKENS, num_hidden_layers=4, head_dim=16),
+        notes="NoPE: every 4th layer has no RoPE (sinks + window, nothing rotated)",
+    ),
+    Case(
+        "Cohere 2 (Command R7B)",
+        T.Cohere2Config,
+        dict(BASE, **TOKENS, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+        notes="NoPE global layers (sinks + window); sliding layers keep their window; interleaved RoPE",
+    ),
+    Case("Cohere (Command R)", T.CohereConfig, dict(BASE, **TOKENS), notes="interleaved RoPE; parallel block"),
+    Case("GLM", T.GlmConfig, dict(BASE, **TOKENS, head_dim=16), notes="interleaved partial RoPE (50% of dims)"),
+    Case("GLM-4", T.Glm4Config, dict(BASE, **TOKENS, head_dim=16), notes="interleaved partial RoPE (50% of dims)"),
+    # Multi-head latent attention: the cache holds the compressed latent and the decoupled RoPE key.
+    Case(
+        "DeepSeek-V3",
+        T.DeepseekV3Config,
+        dict(MLA, **TOKENS),
+        notes="latent attention: cache holds the latent (16) + RoPE key (8), only the RoPE key rotated; "
+        "mixture of experts",
+    ),
+    Case(
+        "DeepSeek-V2",
+        T.DeepseekV2Config,
+        dict(MLA, **TOKENS),
+        notes="latent attention (latent + RoPE key cached); interleaved complex RoPE; mixture of experts",
+    ),
+    # Hybrid recurrent models: the recurrent layers keep their own constant state, the attention layers stream.
+    Case(
+        "Qwen3-Next",
+        T.Qwen3NextConfig,
+        dict(
+            BASE,
+            **TOKENS,
+            num_hidden_layers=4,
+            head_dim=16,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+        notes="hybrid: 3 gated delta-net layers keep their recurrent + conv state, 1 gated attention layer streams "
+        "(partial rotary 25%); mixture of experts",
+    ),  # fmt: skip
+    Case(
+        "LFM2",
+        T.Lfm2Config,
+        dict(BASE, **TOKENS, num_hidden_layers=4, full_attn_idxs=[1, 3]),
+        notes="hybrid: short-convolution layers keep their conv window, attention layers stream; q/k norms",
+    ),
+    Case(
+        "Falcon-H1",
+        T.FalconH1Config,
+        dict(
+            BASE,
+            **TOKENS,
+            head_dim=16,
+            mamba_d_ssm=64,
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_chunk_size=8,
+        ),
+        notes="hybrid: every layer runs attention (streams) beside Mamba-2 (keeps its SSM + conv state)",
+    ),  # fmt: skip
 ]
 
 
@@ -210,6 +385,8 @@ def test_phi3_longrope_refuses_positions_past_the_short_factors():
             "AttentionInterface",
         ),  # fmt: skip
         (T.GPT2Config(n_layer=1, n_embd=32, n_head=2), "learned absolute"),
+        (T.JambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), "initial state"),
+        (T.Llama4TextConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), "chunked"),
     ],
 )
 def test_unsupported_families_raise_a_clear_error(config, reason):

@@ -9,6 +9,12 @@ inside), attention over per-row slot ranges (a decode step of rows that differ),
 ``sdpa`` attention, mask included, so a model can be switched once (:func:`install`) and used with
 every kind of cache.
 
+Learned sink logits (gpt-oss passes its per-head ``s_aux`` to the attention function) join the softmax of
+every path as one more term with no value: the plain paths go through the kernels that take them (decode
+attention for one query per row, the banded kernel with no pinned keys for a chunk), and the path for
+other caches writes the scores out, as transformers' eager gpt-oss attention does (its ``sdpa`` has no
+sinks). They are the model's own and apply besides StreamingLLM's sink tokens.
+
 The plan reaches this function through the mask: a ``StreamingCache`` hands transformers a
 :class:`~streaming_llm.core.cache.StreamingStep` as its query offset, and the registered mask function
 turns it into a :class:`StreamingMask`, through which each layer reads its part of the plan
@@ -55,34 +61,58 @@ def streaming_attention_forward(
     returns ``(batch, q_len, heads, head_dim)``.
     """
     softcap = kwargs.get("softcap")  # Gemma 2's attention-logit soft-capping
+    sinks = kwargs.get("s_aux")  # gpt-oss's learned sink logits, one per query head
     if not isinstance(attention_mask, StreamingMask):  # any other cache, or none: plain attention
-        if softcap is None:
+        if softcap is None and sinks is None:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return _eager(query, key, value, attention_mask, scaling, softcap).transpose(1, 2).contiguous(), None
+        if attention_mask is None:  # what sdpa would do with is_causal: bottom-right causal
+            attention_mask = _bottom_right(query.shape[-2], key.shape[-2], query.device)
+        out = _eager(query, key, value, attention_mask, scaling, softcap, sinks)
+        return out.transpose(1, 2).contiguous(), None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     plan = attention_mask.cache.attention_plan(module.layer_idx)
     if isinstance(plan, DecodePlan) and plan.uniform is None:  # one token per row, rows see different slots
-        out = decode_attention(query, key, value, plan.lo, plan.hi, scaling, softcap)
+        out = decode_attention(query, key, value, plan.lo, plan.hi, scaling, softcap, sinks=sinks)
     elif isinstance(plan, ChunkPlan) and plan.mode == "banded":
-        out = _banded(query, key, value, plan, scaling, softcap)
+        out = _banded(query, key, value, plan, scaling, softcap, sinks)
     else:  # every query sees every key it is given (bottom-right causal for several queries)
-        out = _causal(query, key, value, scaling, softcap)
+        out = _causal(query, key, value, scaling, softcap, sinks)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _bottom_right(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+    """``(q_len, kv_len)`` bool: the queries are the last ``q_len`` keys, each sees itself and what precedes it."""
+    if q_len == 1:
+        return None
+    q_idx = torch.arange(kv_len - q_len, kv_len, device=device)
+    return torch.arange(kv_len, device=device)[None, :] <= q_idx[:, None]
+
+
 def _causal(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, softcap: float | None = None
-) -> torch.Tensor:
-    """Plain attention where the queries are the last ``q_len`` keys (bottom-right causal)."""
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Plain attention where the queries are the last ``q_len`` keys (bottom-right causal).
+
+    With learned sinks: one query per row through decode attention over all its keys; several through the
+    banded kernel with no pinned keys and a window covering every key (the same bottom-right causal band)."""
     q_len, kv_len = query.shape[-2], key.shape[-2]
-    mask = None
-    if q_len > 1:
-        q_idx = torch.arange(kv_len - q_len, kv_len, device=query.device)
-        mask = torch.arange(kv_len, device=query.device)[None, :] <= q_idx[:, None]
+    if sinks is not None and q_len == 1:
+        rows = query.shape[0]
+        lo = torch.zeros(rows, dtype=torch.int64, device=query.device)
+        hi = torch.full((rows,), kv_len, dtype=torch.int64, device=query.device)
+        return decode_attention(query, key, value, lo, hi, scaling, softcap, sinks=sinks)
+    if sinks is not None:
+        none = torch.zeros(0, dtype=torch.int64, device=query.device)
+        return banded_attention(
+            query, query, key[:, :, :0], value[:, :, :0], none, key, value, 0, kv_len - q_len, kv_len, scaling,
+            softcap, sinks=sinks,
+        )  # fmt: skip
+    mask = _bottom_right(q_len, kv_len, query.device)
     if softcap is not None:
         return _eager(query, key, value, mask, scaling, softcap)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
@@ -90,10 +120,11 @@ def _causal(
 
 def _eager(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-    softcap: float | None,
+    softcap: float | None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Attention written out (for soft-capped logits, which SDPA cannot do). ``mask``: boolean
-    (True = attend) or additive, broadcastable to the scores; returns ``(batch, heads, q_len, dim)``."""
+    """Attention written out (for soft-capped logits and learned sinks, which SDPA cannot do). ``mask``: boolean
+    (True = attend) or additive, broadcastable to the scores; ``sinks`` ``(heads,)``: one more softmax term per
+    head with no value; returns ``(batch, heads, q_len, dim)``."""
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     q = query.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
@@ -106,13 +137,17 @@ def _eager(
         # that would leak into later tokens through their (zero-weighted) values.
         lowest = torch.finfo(scores.dtype).min
         scores = scores.masked_fill(~mask, lowest) if mask.dtype == torch.bool else scores + mask
-    probs = scores.softmax(dim=-1).to(value.dtype)
+    if sinks is not None:
+        column = sinks.float().reshape(1, kv_heads, heads // kv_heads, 1, 1).expand(batch, -1, -1, q_len, 1)
+        probs = torch.cat((scores, column), dim=-1).softmax(dim=-1)[..., :-1].to(value.dtype)
+    else:
+        probs = scores.softmax(dim=-1).to(value.dtype)
     return (probs @ value[:, :, None]).reshape(batch, heads, q_len, -1)
 
 
 def _banded(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: ChunkPlan, scaling: float,
-    softcap: float | None = None,
+    softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Each query attends to the pinned keys (turned to sit before its window) and its own window.
 
@@ -129,7 +164,7 @@ def _banded(
     pin_index = torch.cat((torch.arange(n_sinks, device=device), torch.full((plan.segment_len,), -1, device=device)))
     return banded_attention(
         query, q_back, key[:, :, :n_pin], value[:, :, :n_pin], pin_index, key[:, :, n_pin:], value[:, :, n_pin:],
-        plan.rest_start, plan.t0, plan.recent_size, scaling, softcap,
+        plan.rest_start, plan.t0, plan.recent_size, scaling, softcap, sinks=sinks,
     )  # fmt: skip
 
 

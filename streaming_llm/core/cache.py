@@ -35,6 +35,12 @@ Layout of one layer's buffer, shape ``(rows, kv_heads, slots + 1, head_dim)``, w
 The pinned keys are also kept *canonically*, rotated at their in-cache positions, in a second
 buffer; a step writes them into the main buffer turned by ``e = m - K(t)`` (see positions), so the
 pinned tokens sit right before the window for the query at model position ``m``.
+
+Hybrid models (Qwen3-Next, LFM2, Falcon-H1) also have recurrent layers, whose conv windows and
+recurrent states the model reads and writes through transformers' ``get_conv_state`` /
+``update_conv_state`` / ``get_recurrent_state`` / ``update_recurrent_state``. The cache keeps them in
+:class:`RecurrentStates`, one slice per row, exactly as transformers' own cache keeps them: constant
+size, nothing positional, so streaming leaves them alone.
 """
 
 from __future__ import annotations
@@ -46,12 +52,16 @@ from typing import Literal
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionCacheLayerMixin
 
 from .architectures import ModelSpec, describe
 from .positions import Rope, Window
 
 ATTN_IMPLEMENTATION = "streaming_llm"
+HYBRID_SEGMENTS = (
+    "Pinned memory segments (hybrid and retrieval memory) are not available for hybrid recurrent models: their "
+    "recurrent layers have no keys to pin a segment into. Use plain streaming with this model."
+)
 PositionMode = Literal["absolute", "compact"]
 CacheState = tuple[dict[str, torch.Tensor], dict]
 """``(tensors, counters)``: one row's saved state (see :meth:`StreamingCache.row_state`)."""
@@ -132,6 +142,7 @@ class StepPlan:
 
     groups: tuple[GroupPlan, ...]
     rows: tuple[int, ...]  # rows whose stream advances
+    idle: bool = False  # a decode bucket with rows that ride along (their recurrent states must not move)
 
     @property
     def decode(self) -> bool:
@@ -139,12 +150,12 @@ class StepPlan:
 
     @property
     def key(self) -> tuple:
-        return tuple(g.key for g in self.groups) if self.decode else ()
+        return (*(g.key for g in self.groups), self.idle) if self.decode else ()
 
 
 # Per-row fields of a decode step, packed in one host buffer (one device copy per step): the token and
 # model position (shared by the groups), then per group the write slot, the rotation-table index of
-# the pinned turn, and the attended range [lo, hi).
+# the pinned turn, and the attended range [lo, hi); last, whether the row decodes (1) or rides along (0).
 SHARED_FIELDS = ("token", "position")
 GROUP_FIELDS = ("slot", "turn", "lo", "hi")
 
@@ -180,8 +191,12 @@ class LayerGroup:
     ``pinned`` (canonical pinned keys, ``(layers, rows, kv_heads, Z + P, dim)``).
     """
 
-    def __init__(self, shape: Window, rope: Rope, layer_ids: list[int], segment_capacity: int, pinned_capacity: int):
+    def __init__(
+        self, shape: Window, rope: Rope, layer_ids: list[int], segment_capacity: int, pinned_capacity: int,
+        query_rope: Rope | None = None,
+    ):  # fmt: skip
         self.shape, self.rope, self.layer_ids = shape, rope, layer_ids
+        self.query_rope = query_rope or rope  # how attention turns queries back (latent attention differs)
         self.segment_capacity, self.pinned_capacity = segment_capacity, pinned_capacity
         self.rows: list[Row] = []
         self.keys: torch.Tensor | None = None
@@ -268,12 +283,12 @@ class LayerGroup:
             )
             self._turn_pinned(rows, m0 - w.in_cache_position(t0, row.segment_len))
             plan = ChunkPlan(rows, t0, m0, length, "view", n_new_sinks, self.first(b), last,
-                             segment_len=row.segment_len, recent_size=w.recent_size, rope=self.rope)  # fmt: skip
+                             segment_len=row.segment_len, recent_size=w.recent_size, rope=self.query_rope)  # fmt: skip
         else:
             plan = ChunkPlan(
                 rows, t0, m0, length, "banded", n_new_sinks, n_pinned=min(end, w.start_size) + row.segment_len,
                 segment_len=row.segment_len, rest_start=max(w.start_size, t0 - w.recent_size),
-                offsets=w.pin_offsets(t0, m0, length, row.segment_len), recent_size=w.recent_size, rope=self.rope,
+                offsets=w.pin_offsets(t0, m0, length, row.segment_len), recent_size=w.recent_size, rope=self.query_rope,
             )  # fmt: skip
         for r in rows:
             self.rows[r].seen = end
@@ -434,6 +449,94 @@ class LayerGroup:
             self.pinned[j, b : b + 1, :, base - n : base] = keys[layer]
             self.values[j, b : b + 1, :, base - n : base] = values[layer]
         self.rows[b].segment_len, self.rows[b].rotation = n, None
+
+
+class RecurrentStates:
+    """The recurrent layers' own constant-size states, one slice per row, kept as the model hands them over.
+
+    ``tensors["conv.{layer}.{state}"]``: a conv window ``(rows, channels, kernel)``;
+    ``tensors["recurrent.{layer}.{state}"]``: an SSM / delta-rule state ``(rows, ...)``. A layer's storage is
+    allocated, zeroed, on its first write (the model decides the shapes and dtype). A zero state is exactly a
+    fresh stream's: a zero conv window is the zero padding a first chunk gets, a zero recurrent state the
+    initial state of the scan.
+    """
+
+    def __init__(self, layer_ids: tuple[int, ...]):
+        self.layer_ids = layer_ids
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def allocate(self, name: str, rows: int, sample: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Zeroed storage for ``rows`` rows shaped like ``sample`` ``(batch, ...)`` (last dim ``width`` if given)."""
+        shape = (rows, *sample.shape[1:-1], width if width is not None else sample.shape[-1])
+        self.tensors[name] = sample.new_zeros(shape)
+        return self.tensors[name]
+
+    def clear_row(self, b: int) -> None:
+        for t in self.tensors.values():
+            t[b].zero_()
+
+    def row_tensors(self, b: int) -> dict[str, torch.Tensor]:
+        """Copies of row ``b``'s states, ``(1, ...)`` each."""
+        return {f"states.{name}": t[b : b + 1].clone() for name, t in self.tensors.items()}
+
+    def restore_row(self, b: int, tensors: Mapping[str, torch.Tensor], rows: int, device: torch.device) -> None:
+        """Copy saved states (:meth:`row_tensors`, on any device) into row ``b``; storage missing here is allocated
+        from them, for ``rows`` rows on ``device``.
+
+        Raises:
+            ValueError: A saved state of another shape than this cache's.
+        """
+        for key, saved in tensors.items():
+            if not key.startswith("states."):
+                continue
+            name = key[len("states.") :]
+            stored = self.tensors.get(name)
+            if stored is None:
+                stored = self.allocate(name, rows, saved.to(device))
+            if tuple(saved.shape[1:]) != tuple(stored.shape[1:]):
+                raise ValueError(
+                    f"A saved recurrent state {name} of shape {tuple(saved.shape)} does not fit this model."
+                )
+            stored[b : b + 1] = saved.to(stored.device, stored.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class RecurrentLayer(LinearAttentionCacheLayerMixin):
+    """A recurrent layer of a :class:`StreamingCache`, as transformers sees it (``cache.is_linear``); its
+    states live in the cache's :class:`RecurrentStates` and are reached through the cache's methods."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        raise RuntimeError("A StreamingCache allocates recurrent states itself (StreamingCache.update_conv_state).")
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        raise RuntimeError("RecurrentLayer.update_conv_state is driven by StreamingCache.update_conv_state.")
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        raise RuntimeError("RecurrentLayer.update_recurrent_state is driven by StreamingCache.update_recurrent_state.")
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise NotImplementedError("Reset the whole StreamingCache (cache.reset()).")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("A StreamingCache cannot be cropped: a recurrent state cannot roll back either.")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("Selecting batch rows of a StreamingCache is not supported; use its rows.")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("Beam search / num_return_sequences > 1 need one StreamingCache per sequence.")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("Beam search is not supported with a StreamingCache.")
 
 
 class StreamingLayer(CacheLayerMixin):
@@ -604,7 +707,15 @@ class StreamingCache(Cache):
         self.segment_capacity, self.pinned_capacity = segment_capacity, pinned_capacity
         self.groups, members = self._make_groups(limit)
         self.main = max(self.groups, key=lambda g: (g.shape is self.window, g.shape.capacity))
-        super().__init__(layers=[StreamingLayer(g, j) for g, j in members])
+        super().__init__(layers=[RecurrentLayer() if m is None else StreamingLayer(*m) for m in members])
+        self.states = RecurrentStates(self.spec.recurrent_layers)
+        self._first_attention = next(i for i, layer in enumerate(self.spec.layers) if layer.attention)
+        # Recurrent states of the forward in progress: its rows, whether idle rows must keep theirs, and the
+        # views (or, with idle rows, working copies) handed to the model.
+        self._touched: set[tuple[int, str]] = set()
+        self._state_rows: range | None = None
+        self._state_merge = False
+        self._state_work: dict[str, torch.Tensor] = {}
         self.free: set[int] = set()
         self._n_rows = rows
         self._plan: StepPlan | None = None  # the current forward's plan (attention reads it after the updates)
@@ -622,17 +733,20 @@ class StreamingCache(Cache):
                 raise ValueError("Give rows= to allocate the storage up front (dtype/device).")
             self._allocate(rows, dtype or torch.float32, torch.device(device or "cpu"))
 
-    def _make_groups(self, limit: int | None) -> tuple[list[LayerGroup], list[tuple[LayerGroup, int]]]:
-        """The layer groups, and for every model layer its group and index in it."""
+    def _make_groups(self, limit: int | None) -> tuple[list[LayerGroup], list[tuple[LayerGroup, int] | None]]:
+        """The layer groups, and for every model layer its group and index in it (None: no attention)."""
         groups: dict[tuple, LayerGroup] = {}
-        members: list[tuple[LayerGroup, int]] = []
+        members: list[tuple[LayerGroup, int] | None] = []
         for i, spec in enumerate(self.spec.layers):
+            if not spec.attention:
+                members.append(None)
+                continue
             full = spec.sliding_window is None  # full attention: sinks + window; else the model's own window
-            key = (spec.sliding_window, spec.rope.rotary_dim, tuple(spec.rope.inv_freq.tolist()))
+            key = (spec.sliding_window, spec.rope.key, spec.queries.key)
             if key not in groups:
                 shape = self.window if full else Window(0, spec.sliding_window - 1, limit)
                 segment, pinned = (self.segment_capacity, self.pinned_capacity) if full else (0, 0)
-                groups[key] = LayerGroup(shape, spec.rope, [], segment, pinned)
+                groups[key] = LayerGroup(shape, spec.rope, [], segment, pinned, spec.query_rope)
             members.append((groups[key], len(groups[key].layer_ids)))
             groups[key].layer_ids.append(i)
         return list(groups.values()), members
@@ -644,6 +758,8 @@ class StreamingCache(Cache):
         for b in range(rows):
             for g in self.groups:
                 g.clear_row(b, g.shape)
+            if b < min((t.shape[0] for t in self.states.tensors.values()), default=0):
+                self.states.clear_row(b)
         self.free = set() if live else set(range(rows))
 
     def _allocate(self, rows: int, dtype: torch.dtype, device: torch.device, heads: int | None = None) -> None:
@@ -651,8 +767,8 @@ class StreamingCache(Cache):
         rank holds only its share), default the model's."""
         heads, dim = heads or self.spec.num_kv_heads, self.spec.head_dim
         for g in self.groups:
-            g.allocate(rows, heads, dim, dim, dtype, device)
-        fields = len(SHARED_FIELDS) + len(GROUP_FIELDS) * len(self.groups)
+            g.allocate(rows, heads, dim, self.spec.value_size, dtype, device)
+        fields = len(SHARED_FIELDS) + len(GROUP_FIELDS) * len(self.groups) + 1  # + the "active" row
         self._host = torch.zeros(fields, rows, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._dev = torch.zeros(fields, rows, dtype=torch.int64, device=device)
 
@@ -748,6 +864,7 @@ class StreamingCache(Cache):
             )
         for g in self.groups:
             g.clear_row(b, replace(g.shape, start_size=start_size) if g.pinned_capacity else g.shape)
+        self.states.clear_row(b)
 
     def _require_storage(self) -> None:
         if not self.groups[0].initialized:
@@ -807,8 +924,8 @@ class StreamingCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all cache tensors (constant once allocated)."""
-        return sum(
+        """Bytes held by all cache tensors (constant once allocated), recurrent states included."""
+        return self.states.nbytes + sum(
             t.numel() * t.element_size() for g in self.groups if g.initialized for t in (g.keys, g.values, g.pinned)
         )
 
@@ -913,7 +1030,7 @@ class StreamingCache(Cache):
                     fields.append(g.idle_fields(b))
                 continue
             m = self.next_position(b)
-            host[0, b], host[1, b] = int(token), m
+            host[0, b], host[1, b], host[-1, b] = int(token), m, 1
             for fields, g in zip(groups, self.groups, strict=True):
                 fields.append(g.decode_fields(b, m))
         plans = []
@@ -924,7 +1041,7 @@ class StreamingCache(Cache):
             uniform = bounds.pop() if len(bounds) == 1 and len(tokens) == n else None
             turn_from = min(lo for _, _, lo, _ in fields) // 32 * 32
             plans.append(DecodePlan(n, uniform, turn_from, self._dev[at + 2, :n], self._dev[at + 3, :n]))
-        self._set_plan(StepPlan(tuple(plans), tuple(sorted(tokens))))
+        self._set_plan(StepPlan(tuple(plans), tuple(sorted(tokens)), idle=len(tokens) < n))
         return self._plan
 
     def stage(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -949,6 +1066,120 @@ class StreamingCache(Cache):
         """What layer ``layer_idx``'s attention computes in the current forward (read by the attention function)."""
         return self._plan.groups[self.groups.index(self.layers[layer_idx].group)]
 
+    # -- recurrent states (hybrid models), through transformers' own methods ---------------------------------
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """The conv window ``(batch, channels, kernel)`` of this forward's rows (None before the layer's first
+        write). The model may update it in place (its one-token path does)."""
+        return self._state("conv", layer_idx, state_idx, "conv_get")
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """The recurrent state ``(batch, ...)`` of this forward's rows (None before the layer's first write)."""
+        return self._state("recurrent", layer_idx, state_idx, "recurrent_get")
+
+    def update_conv_state(
+        self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, conv_kernel_size: int | None = None,
+        **kwargs,
+    ) -> torch.Tensor:  # fmt: skip
+        """Append ``conv_states`` ``(batch, channels, L)`` to the rows' windows; return ``[window | new]`` (what
+        the model's causal convolution runs over) and keep its last ``kernel`` columns."""
+        kernel = conv_kernel_size or conv_states.shape[-1]
+        stored = self._state("conv", layer_idx, state_idx, "conv_set", conv_states, kernel)
+        full = torch.cat((stored, conv_states.to(stored.dtype)), dim=-1)
+        stored.copy_(full[..., -stored.shape[-1] :])
+        return full
+
+    def update_recurrent_state(
+        self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs
+    ) -> torch.Tensor:  # fmt: skip
+        """Store the rows' new recurrent state ``(batch, ...)``; return the stored tensor."""
+        stored = self._state("recurrent", layer_idx, state_idx, "recurrent_set", recurrent_states)
+        stored.copy_(recurrent_states)
+        return stored
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        """Whether the recurrent layer (default: the last one) has written its states yet."""
+        layers = self.states.layer_ids
+        if not layers:
+            raise ValueError("This model has no recurrent layers (has_previous_state is for linear-attention layers).")
+        layer = layers[-1] if layer_idx is None else layer_idx
+        names = [n for n in self.states.tensors if n.split(".")[1] == str(layer)]
+        if state_idx is not None:
+            names = [n for n in names if n.endswith(f".{state_idx}")]
+        return bool(names)
+
+    def _state(
+        self, kind: str, layer_idx: int, state_idx: int, access: str, sample: torch.Tensor | None = None,
+        width: int | None = None,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """The rows' ``kind`` state of ``layer_idx`` for this forward (allocated from ``sample`` if new)."""
+        if layer_idx not in self.states.layer_ids:
+            raise ValueError(f"Layer {layer_idx} of this model has no recurrent state.")
+        self._touch(layer_idx, access)
+        name = f"{kind}.{layer_idx}.{state_idx}"
+        work = self._state_work.get(name)
+        if work is not None:
+            return work
+        stored = self.states.tensors.get(name)
+        if stored is None:
+            if sample is None:
+                return None
+            if self._n_rows is None:  # a lazily sized cache: one row per sequence of the first batch
+                self._start_rows(sample.shape[0], live=True)
+            stored = self.states.allocate(name, self.rows, sample, width)
+        rows = self._state_rows or range(self.rows)
+        if sample is not None and sample.shape[0] != len(rows):
+            raise ValueError(
+                f"This forward feeds rows {rows.start}..{rows.stop - 1} of this StreamingCache, but the model handed "
+                f"it a batch of {sample.shape[0]} recurrent states."
+            )
+        view = stored[rows.start : rows.stop]
+        work = self._state_work[name] = view.clone() if self._state_merge else view
+        return work
+
+    def _touch(self, layer_idx: int, access: str) -> None:
+        """Note a cache access of the forward in progress; a repeated one means a new forward has begun."""
+        mark = (layer_idx, access)
+        if not self._touched or mark in self._touched or any(layer > layer_idx for layer, _ in self._touched):
+            self._begin_states()
+        self._touched.add(mark)
+
+    def _begin_states(self) -> None:
+        """A new forward: the rows its recurrent layers read and write (a planned step's, or every row)."""
+        self.finish_forward()
+        self._touched.clear()
+        plan = self._plan if self._plan is not None and not self._plan_used else None
+        if plan is None:
+            self._state_rows, self._state_merge = None, False
+        elif plan.decode:
+            self._state_rows, self._state_merge = range(plan.groups[0].n), plan.idle
+        else:
+            self._state_rows, self._state_merge = plan.groups[0].rows, False
+
+    def finish_forward(self) -> None:
+        """End of a decode step whose bucket had rows riding along without a token: the model updated the
+        recurrent states of every row of the bucket, so only the decoding rows keep the new ones (a masked copy,
+        device work only: part of a captured step). Otherwise it only marks the end of the forward; the stepper
+        calls it after every forward (plain transformers loops need not: a new forward is recognised anyway)."""
+        if self._state_merge and self._state_work:
+            rows = self._state_rows
+            active = self._dev[-1, rows.start : rows.stop].bool()
+            for name, work in self._state_work.items():
+                stored = self.states.tensors[name][rows.start : rows.stop]
+                keep = active.reshape(-1, *([1] * (work.dim() - 1)))
+                stored.copy_(torch.where(keep, work, stored))
+        self._state_work = {}
+        self._state_merge = False
+        self._touched = set()  # the next access begins a new forward (and compiled steps see the same state)
+
+    def snapshot_states(self) -> dict[str, torch.Tensor]:
+        """Copies of every recurrent state (the stepper restores them after a capture's warm-up step)."""
+        return {name: t.clone() for name, t in self.states.tensors.items()}
+
+    def restore_states(self, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Put back what :meth:`snapshot_states` returned (in place: captured graphs keep their addresses)."""
+        for name, t in snapshot.items():
+            self.states.tensors[name].copy_(t)
+
     # -- transformers' Cache contract -------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store a layer's new keys/values ``(batch, kv_heads, length, head_dim)`` and return what its
@@ -958,6 +1189,8 @@ class StreamingCache(Cache):
                 f"This StreamingCache was built for a model with {len(self.layers)} layers, but layer {layer_idx} "
                 "used it. Build the cache from the model that uses it."
             )
+        if self.spec.latent:  # (latent, RoPE key): the RoPE key is stored where keys go, and rotated
+            key_states, value_states = value_states, key_states
         implementation = getattr(self.config, "_attn_implementation", None)
         if implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(
@@ -970,7 +1203,9 @@ class StreamingCache(Cache):
                 self._start_rows(key_states.shape[0], live=True)
             self._allocate(self.rows, key_states.dtype, key_states.device, key_states.shape[1])
         self._check_shapes(key_states, value_states)
-        if layer_idx == 0:  # a new forward: its prepared plan, or a chunk planned now
+        if self.states.layer_ids:
+            self._touch(layer_idx, "attention")
+        if layer_idx == self._first_attention:  # a new forward: its prepared plan, or a chunk planned now
             if self._plan is None or self._plan_used:
                 step_kwargs = kwargs.get("kwargs") or {}
                 self._plan_forward(step_kwargs.get("position_ids"), key_states.shape[0], key_states.shape[-2])
@@ -983,7 +1218,7 @@ class StreamingCache(Cache):
             out = layer.group.write_decode(plan, layer.index, self._dev[at, : plan.n], key_states, value_states)
         else:
             out = layer.group.write_chunk(plan, layer.index, key_states, value_states)
-        return out
+        return (out[1], out[0]) if self.spec.latent else out
 
     def _plan_forward(self, position_ids: torch.Tensor | None, batch: int, length: int) -> None:
         """A forward nobody planned (a transformers loop): a chunk for every row, all in the same state."""
@@ -1035,6 +1270,7 @@ class StreamingCache(Cache):
     def reset(self) -> None:
         """Start every row afresh (row 0 assigned with the default pinned prefix)."""
         self._plan = self._position_memo = None
+        self._touched, self._state_work, self._state_merge = set(), {}, False
         if self._n_rows is not None:
             self._start_rows(self._n_rows, live=self._n_rows == 1 or not self.free)
 
@@ -1091,11 +1327,15 @@ class StreamingCache(Cache):
         if given != 1:
             raise ValueError(f"A segment for one row has batch 1, got {given} (this cache has {self.rows} rows).")
         self._check_live(b)
+        if self.spec.recurrent_layers:
+            raise NotImplementedError(HYBRID_SEGMENTS)
         n = keys[0].shape[-2]
         if n > self.segment_capacity:
             raise ValueError(f"The segment holds at most {self.segment_capacity} tokens, got {n}.")
         if self.main.rows[b].seen < self.main.rows[b].window.start_size:
             raise ValueError("A pinned segment can only be set once the whole pinned prefix is in the cache.")
+        if self.spec.latent:  # the model's (latent, RoPE key), stored the other way round (see update)
+            keys, values = values, keys
         for g in self.groups:
             if g.segment_capacity:  # sliding layers keep their own window only
                 g.set_segment(b, keys, values)
@@ -1123,6 +1363,7 @@ class StreamingCache(Cache):
             tensors.update({f"groups.{gi}.{name}": t for name, t in g.row_tensors(b).items()})
             r = g.rows[b]
             counters["groups"].append({"seen": r.seen, "shift": r.shift, "segment_len": r.segment_len})
+        tensors.update(self.states.row_tensors(b))
         return tensors, counters
 
     def state(self) -> CacheState:
@@ -1157,6 +1398,8 @@ class StreamingCache(Cache):
             names = ("keys", "values", "pinned")
             found = {name: tensors[f"groups.{gi}.{name}"].to(g.keys.device, g.keys.dtype) for name in names}
             g.restore_row(b, found, saved, g.rows[b].window)
+        if self.states.layer_ids:
+            self.states.restore_row(b, tensors, self.rows, self.groups[0].keys.device)
         if counters.get("positions") not in (None, self.positions):
             raise ValueError(f"This state uses {counters['positions']!r} positions; this cache {self.positions!r}.")
 
@@ -1191,7 +1434,10 @@ class StreamingCache(Cache):
         Raises:
             ValueError: The cache comes from another model, or has already dropped tokens.
         """
-        first = next((layer.keys for layer in cache.layers if layer.keys is not None and layer.keys.numel()), None)
+        first = next(
+            (layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()),
+            None,
+        )
         batch = first.shape[0] if first is not None else 1
         dtype, device = (first.dtype, first.device) if first is not None else (torch.float32, "cpu")
         streaming = cls(config, start_size, recent_size, positions=positions, rows=batch, dtype=dtype, device=device)
@@ -1200,16 +1446,29 @@ class StreamingCache(Cache):
                 f"The DynamicCache has {len(cache.layers)} layers but this model has {len(streaming.layers)}; "
                 "it comes from another model."
             )
-        total = max(getattr(source, "cumulative_length", 0) or source.get_seq_length() for source in cache.layers)
-        for source, layer in zip(cache.layers, streaming.layers, strict=True):
-            if source.keys is None or source.keys.numel() == 0:
+        total = max(
+            getattr(source, "cumulative_length", 0) or source.get_seq_length()
+            for source in cache.layers
+            if isinstance(source, CacheLayerMixin)
+        )
+        for i, (source, layer) in enumerate(zip(cache.layers, streaming.layers, strict=True)):
+            if isinstance(source, LinearAttentionCacheLayerMixin):  # recurrent states: taken over as they are
+                streaming._take_states(i, source)
+            if not isinstance(layer, StreamingLayer) or source.keys is None or source.keys.numel() == 0:
                 continue
-            streaming._check_shapes(source.keys, source.values)
-            streaming._take_layer(layer, source.keys, source.values, total)
+            keys, values = (source.values, source.keys) if streaming.spec.latent else (source.keys, source.values)
+            streaming._check_shapes(keys, values)
+            streaming._take_layer(layer, keys, values, total)
         for g in streaming.groups:
             for r in g.rows:
                 r.seen, r.shift, r.rotation = total, 0, 0
         return streaming
+
+    def _take_states(self, layer_idx: int, source: LinearAttentionCacheLayerMixin) -> None:
+        for kind, states in (("conv", source.conv_states), ("recurrent", source.recurrent_states)):
+            for state_idx, t in states.items():
+                if t is not None:
+                    self.states.allocate(f"{kind}.{layer_idx}.{state_idx}", self.rows, t).copy_(t)
 
     def _take_layer(self, layer: StreamingLayer, keys: torch.Tensor, values: torch.Tensor, total: int) -> None:
         g, j = layer.group, layer.index

@@ -38,24 +38,35 @@ class Rope:
     Attributes:
         inv_freq: The model's own inverse frequencies (float32 values, kept here as float64),
             shape ``(rotary_dim // 2,)``.
-        rotary_dim: Number of leading head dimensions that are rotated (partial rotary models
-            rotate fewer than ``head_dim``).
+        rotary_dim: Number of head dimensions that are rotated (partial rotary models rotate
+            fewer than ``head_dim``; 0: a layer without RoPE, whose rotations are the identity).
+        offset: First rotated dimension: the rotated dims are ``offset .. offset + rotary_dim - 1``
+            (0 for most models; latent attention's queries put their RoPE part after the others).
+        interleaved: Pairs ``(2i, 2i + 1)`` turn together (Cohere, GLM-4, DeepSeek-V2 style) instead
+            of ``(i, i + rotary_dim / 2)`` ("rotate_half" style); pair ``i`` turns by ``inv_freq[i]``.
     """
 
     inv_freq: torch.Tensor
     rotary_dim: int
+    offset: int = 0
+    interleaved: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """A hashable description (two layers with equal keys rotate identically)."""
+        return (self.rotary_dim, self.offset, self.interleaved, tuple(self.inv_freq.tolist()))
 
     def rotate(self, x: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` by ``delta`` positions, the way the model's RoPE would have.
 
         Args:
-            x: Tensor ``(..., seq, head_dim)`` rotated "rotate_half" style.
+            x: Tensor ``(..., seq, head_dim)`` laid out as this rope describes.
             delta: A Python int, or an integer tensor of shape ``(seq,)`` (one delta per row).
 
         Returns:
             A new tensor with the same dtype; ``x`` itself when ``delta`` is the integer 0.
         """
-        if isinstance(delta, int) and delta == 0:
+        if (isinstance(delta, int) and delta == 0) or self.rotary_dim == 0:
             return x
         work = torch.promote_types(x.dtype, torch.float32)
         cos, sin = self.cos_sin(delta, x.device)  # (seq or 1, rotary_dim // 2), float64
@@ -65,13 +76,18 @@ class Rope:
         """Rotate ``x`` (``(..., seq, head_dim)``) by precomputed ``cos``/``sin`` (``(seq or 1, rotary_dim // 2)``,
         in the working dtype); returns a new tensor in ``x``'s dtype."""
         work = cos.dtype
-        half = self.rotary_dim // 2
-        x1 = x[..., :half].to(work)
-        x2 = x[..., half : self.rotary_dim].to(work)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-        if self.rotary_dim == x.shape[-1]:
+        first, last = self.offset, self.offset + self.rotary_dim
+        part = x[..., first:last].to(work)
+        if self.interleaved:
+            x1, x2 = part[..., 0::2], part[..., 1::2]
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(x.dtype)
+        else:
+            half = self.rotary_dim // 2
+            x1, x2 = part[..., :half], part[..., half:]
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        if first == 0 and last == x.shape[-1]:
             return rotated
-        return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
+        return torch.cat((x[..., :first], rotated, x[..., last:]), dim=-1)
 
     def cos_sin(self, delta: int | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq.to(device=device, dtype=torch.float64)

@@ -86,6 +86,7 @@ class Stepper:
         m0 = self.cache.plan_chunk(b, ids.shape[1])
         positions = torch.arange(m0, m0 + ids.shape[1], device=ids.device)[None]
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **self._kwargs)
+        self.cache.finish_forward()
         return out.logits[0, -1]
 
     @torch.no_grad()
@@ -139,17 +140,21 @@ class Stepper:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **self._kwargs)
+        self.cache.finish_forward()  # rows riding along keep their recurrent states (hybrid models)
         return out.logits[:, -1]
 
     def _capture(self, plan: StepPlan, ids: torch.Tensor, positions: torch.Tensor):
-        """Capture the planned step. It runs eagerly first (a warm-up on a side stream); a decode step is
-        idempotent (same slots, same values), so the replay that follows runs it again harmlessly."""
+        """Capture the planned step. It runs eagerly first (a warm-up on a side stream); its attention part is
+        idempotent (same slots, same values) and its recurrent states are put back, so the replay that follows
+        runs the step for real."""
         began = time.perf_counter()
+        states = self.cache.snapshot_states()  # recurrent states advance on every run: undo the warm-up's
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._forward(ids, positions)
         torch.cuda.current_stream().wait_stream(side)
+        self.cache.restore_states(states)
         self.cache.prepared(plan)  # the warm-up consumed the plan; the capture reuses it
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..core.architectures import describe
+from ..core.cache import HYBRID_SEGMENTS
 from ..core.compat import cache_kwargs
 
 if TYPE_CHECKING:
@@ -84,6 +86,8 @@ def encode_segment(
     The sinks are re-encoded on a scratch ``DynamicCache`` (a few tokens), so nothing of the main
     cache's internals is read or written.
     """
+    if describe(model.config).recurrent_layers:
+        raise NotImplementedError(HYBRID_SEGMENTS)
     scratch = DynamicCache(config=model.config)
     input_ids = torch.tensor([list(sink_ids) + list(ids)], device=model.device)
     model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, scratch))

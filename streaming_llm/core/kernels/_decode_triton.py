@@ -44,16 +44,16 @@ _SUM = getattr(tl.standard, "_sum_combine", _add2)  # what tl.sum reduces with
 
 @triton.jit
 def decode_split(
-    Q, K, V, LO, HI, OUT, PART_O, PART_L,
+    Q, K, V, LO, HI, OUT, PART_O, PART_L, SINK_LOGITS,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_od,
-    stride_lo, stride_hi,
+    stride_lo, stride_hi, stride_sink,
     slots, splits, scaling, softcap,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr, WIDEN: tl.constexpr, DIRECT: tl.constexpr,
+    SOFTCAP: tl.constexpr, WIDEN: tl.constexpr, DIRECT: tl.constexpr, SINKS: tl.constexpr,
 ):  # fmt: skip
     """One (row, kv head, chunk): partial softmax of ``GROUPS`` query heads over the chunk's keys.
 
@@ -128,8 +128,15 @@ def decode_split(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with an empty range (out of contract): zeros
     o_mask = (g < GROUPS)[:, None] & (dv < DV)[None, :]
+    if DIRECT and SINKS:  # one more term exp(s_h) in the denominator, no value (base 2 like the scores)
+        sink = tl.load(SINK_LOGITS + heads.to(tl.int64) * stride_sink, mask=g < GROUPS, other=0.0)
+        sink = sink.to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_i, sink)
+        keep = tl.exp2(m_i - m_all)  # 0 for a row that saw no key (m_i = -inf)
+        acc = acc * keep[:, None]
+        l_i = l_i * keep + tl.exp2(sink - m_all)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with an empty range (out of contract): zeros
     if DIRECT:
         ptrs = OUT + b64 * stride_ob + heads.to(tl.int64)[:, None] * stride_oh + dv[None, :] * stride_od
         tl.store(ptrs, o.to(OUT.dtype.element_ty), mask=o_mask)
@@ -142,12 +149,13 @@ def decode_split(
 
 @triton.jit
 def decode_reduce(
-    LO, HI, OUT, PART_O, PART_L,
-    stride_ob, stride_oh, stride_od, stride_lo, stride_hi,
+    LO, HI, OUT, PART_O, PART_L, SINK_LOGITS,
+    stride_ob, stride_oh, stride_od, stride_lo, stride_hi, stride_sink,
     slots, splits, heads, block_n,
-    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, SINKS: tl.constexpr,
 ):  # fmt: skip
-    """One (row, query head): merge the partials of the chunks :func:`decode_split` used, in float32."""
+    """One (row, query head): merge the partials of the chunks :func:`decode_split` used, in float32; with
+    ``SINKS`` the head's learned sink logit is one more term of the merged denominator (no value)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     b64 = b.to(tl.int64)
@@ -161,9 +169,14 @@ def decode_reduce(
     row = (b64 * heads + h) * splits + sp
     lse = tl.load(PART_L + row, mask=used, other=float("-inf"))
     top = tl.reduce(lse, 0, _MAX)
+    if SINKS:
+        sink = tl.load(SINK_LOGITS + h.to(tl.int64) * stride_sink).to(tl.float32) * 1.4426950408889634
+        top = tl.maximum(top, sink)
     w = tl.where(used, tl.exp2(lse - top), 0.0)
     o = tl.load(PART_O + row[:, None] * DV + dv[None, :], mask=used[:, None] & (dv < DV)[None, :], other=0.0)
     total = tl.reduce(w, 0, _SUM)
+    if SINKS:
+        total = total + tl.exp2(sink - top)
     res = tl.reduce(o * w[:, None], 0, _SUM) / tl.where(total > 0, total, 1.0)
     ptrs = OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + dv * stride_od
     tl.store(ptrs, res.to(OUT.dtype.element_ty), mask=dv < DV)

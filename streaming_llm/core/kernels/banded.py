@@ -22,6 +22,12 @@ compute the same thing; :func:`banded_attention` picks one by device, dtype and 
 
 No path loops over single queries, and no path builds a score matrix larger than one query block
 times ``(pinned + block + window)`` keys (the pinned part of ``"flex"`` is ``q_len x pinned``).
+
+Learned sink logits (gpt-oss's ``s_aux``, one per query head, ``sinks=``) are one more softmax term per head
+with no value, visible to every query; not to be confused with StreamingLLM's sink tokens (pinned keys). The
+paths that write pinned logits out (``explicit``, ``sdpa_lse``, ``flex``) append them as one more pinned
+column of zero value; the concatenating paths give the queries one more head dimension holding
+``s_h / scaling`` and add one key that is 1 there and 0 elsewhere (zero value), so its logit is ``s_h``.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ def banded_attention(
     *,
     path: str | None = None,
     block: int | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of a chunk of queries over pinned keys plus each query's sliding window, exactly.
 
@@ -94,6 +101,8 @@ def banded_attention(
         softcap: if given, logits become ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
         path: one of :data:`PATHS` to force a path; default: :data:`DEFAULT_PATH` for the device.
         block: queries per block for the blocked paths; default: :data:`QUERY_BLOCK`.
+        sinks: optional ``(H,)`` learned sink logits (gpt-oss), any float dtype, on ``query``'s device: head
+            ``h``'s softmax gets one more term ``exp(sinks[h])`` (no value), after scaling and soft-capping.
 
     Returns:
         ``(B, H, Q, Dv)`` in ``query``'s dtype. Head ``h`` uses key/value head ``h // (H // Hkv)``.
@@ -102,6 +111,7 @@ def banded_attention(
         ValueError: If shapes, indices or the path do not fit together (the message says which).
     """
     _check(query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v, rest_first, query_first, window, softcap)
+    _check_sinks(sinks, query)
     device = query.device.type
     if path is None:
         path = os.environ.get("STREAMING_LLM_BANDED_PATH") or DEFAULT_PATH.get(
@@ -124,14 +134,24 @@ def banded_attention(
     band = _Band(rest_first, query_first, window, rest_k.shape[-2], query.device)
     args = (query, query_back, pin_k, pin_v, pin_index, rest_k, rest_v, band, scaling)
     if path == "explicit":
-        return _explicit(*args, softcap, block)
+        return _explicit(*args, softcap, block, sinks)
     if path == "sdpa_concat":
-        return _sdpa_concat(*args, block)
+        return _sdpa_concat(*args, block, sinks)
     if path == "sdpa_lse":
-        return _sdpa_lse(*args, block)
+        return _sdpa_lse(*args, block, sinks)
     if path == "flex_concat":
-        return _flex_concat(*args, softcap)
-    return _flex(*args, softcap)
+        return _flex_concat(*args, softcap, sinks)
+    return _flex(*args, softcap, sinks)
+
+
+def _check_sinks(sinks: Tensor | None, query: Tensor) -> None:
+    if sinks is None:
+        return
+    heads = query.shape[1]
+    if sinks.shape != (heads,) or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a float tensor of shape ({heads},), got {sinks.dtype} {tuple(sinks.shape)}.")
+    if sinks.device != query.device:
+        raise ValueError(f"sinks must be on query's device {query.device}, got {sinks.device}.")
 
 
 def _check(
@@ -228,6 +248,28 @@ def _pinned_logits(
     return scores.masked_fill_(~visible, float("-inf"))
 
 
+def _with_sinks(pin_logits: Tensor, pin_v: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Learned sink logits as one more pinned column (every query sees it) whose value is zero.
+
+    ``pin_logits (B, Hkv, g, q, P)`` -> ``(B, Hkv, g, q, P + 1)``; ``pin_v (B, Hkv, P, Dv)`` -> ``P + 1`` rows."""
+    if sinks is None:
+        return pin_logits, pin_v
+    batch, kv_heads, groups, q_len, _ = pin_logits.shape
+    column = sinks.float().reshape(1, kv_heads, groups, 1, 1).expand(batch, -1, -1, q_len, 1)
+    zero = pin_v.new_zeros(*pin_v.shape[:2], 1, pin_v.shape[-1])
+    return torch.cat((pin_logits, column), dim=-1), torch.cat((pin_v, zero), dim=2)
+
+
+def _sink_column(query: Tensor, sinks: Tensor | None, scaling: float) -> Tensor | None:
+    """``(B, H, Q, 8)`` extra query dims for the concatenating paths: ``s_h / scaling`` then zeros (8 keeps
+    the head dimension a multiple of 8 for fused kernels); None without sinks."""
+    if sinks is None:
+        return None
+    extra = query.new_zeros(*query.shape[:-1], 8)
+    extra[..., 0] = (sinks.float() / scaling).to(query.dtype)[None, :, None]
+    return extra
+
+
 def _blind_rows(out_w: Tensor, lse_w: Tensor, n_blind: int) -> None:
     """Queries that see no recent key: an empty window part (zero output, ``-inf`` log-sum-exp).
 
@@ -252,7 +294,7 @@ def _merge(out_w: Tensor, lse_w: Tensor, pin_logits: Tensor, pin_v: Tensor) -> T
 
 def _explicit(
     query: Tensor, query_back: Tensor, pin_k: Tensor, pin_v: Tensor, pin_index: Tensor, rest_k: Tensor,
-    rest_v: Tensor, band: _Band, scaling: float, softcap: float | None, block: int,
+    rest_v: Tensor, band: _Band, scaling: float, softcap: float | None, block: int, sinks: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Scores written out per query block (float32), one softmax over pinned + window.
 
@@ -263,9 +305,10 @@ def _explicit(
     kv_heads = rest_k.shape[1]
     groups = heads // kv_heads
     q = _grouped(query, kv_heads)
-    rk, rv, pv = rest_k[:, :, None], rest_v[:, :, None], pin_v[:, :, None]
     visible = band.pinned_visible(pin_index, 0, q_len)
     pin_logits = _pinned_logits(_grouped(query_back, kv_heads), pin_k, visible, scaling, softcap)
+    pin_logits, pin_v = _with_sinks(pin_logits, pin_v, sinks)
+    rk, rv, pv = rest_k[:, :, None], rest_v[:, :, None], pin_v[:, :, None]
     template = _band_bias(min(block, q_len), band.window, 1, torch.float32, query.device)[0]
     out = query.new_empty(batch, kv_heads, groups, q_len, rest_v.shape[-1])
     for i0, i1, lo, hi in band.blocks(q_len, block):
@@ -285,27 +328,37 @@ def _explicit(
 
 def _sdpa_concat(
     query: Tensor, query_back: Tensor, pin_k: Tensor, pin_v: Tensor, pin_index: Tensor, rest_k: Tensor,
-    rest_v: Tensor, band: _Band, scaling: float, block: int,
+    rest_v: Tensor, band: _Band, scaling: float, block: int, sinks: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """One SDPA call per block over ``[pinned | window]`` keys with a doubled head dimension."""
+    """One SDPA call per block over ``[pinned | window]`` keys with a doubled head dimension (learned sinks:
+    one more key, first in the buffer, reached through the queries' extra dimensions)."""
     batch, heads, q_len, dim = query.shape
     kv_heads, n_pin = rest_k.shape[1], pin_k.shape[-2]
-    span = n_pin + min(q_len, block) + band.window
+    extra = _sink_column(query, sinks, scaling)
+    n_sink = 0 if extra is None else 1
+    n_pin_all = n_pin + n_sink
+    span = n_pin_all + min(q_len, block) + band.window
     # Buffers reused by every block: the pinned rows and the zero halves are written once.
-    keys = rest_k.new_zeros(batch, kv_heads, span, 2 * dim)
-    keys[:, :, :n_pin, dim:] = pin_k
+    keys = rest_k.new_zeros(batch, kv_heads, span, 2 * dim + (0 if extra is None else extra.shape[-1]))
+    keys[:, :, n_sink:n_pin_all, dim : 2 * dim] = pin_k
     values = rest_v.new_empty(batch, kv_heads, span, rest_v.shape[-1])
-    values[:, :, :n_pin] = pin_v
-    queries = torch.cat((query, query_back), dim=-1)
+    values[:, :, n_sink:n_pin_all] = pin_v
+    if n_sink:  # the learned sink key: 1 in the first extra dimension, zero value
+        keys[:, :, 0, 2 * dim] = 1
+        values[:, :, 0] = 0
+    queries = torch.cat((query, query_back) if extra is None else (query, query_back, extra), dim=-1)
     out = query.new_empty(batch, heads, q_len, rest_v.shape[-1])
     for i0, i1, lo, hi in band.blocks(q_len, block):
-        n = n_pin + hi - lo
-        keys[:, :, n_pin:n, :dim] = rest_k[:, :, lo:hi]
-        values[:, :, n_pin:n] = rest_v[:, :, lo:hi]
-        mask = torch.cat((band.pinned_visible(pin_index, i0, i1), band.recent_visible(i0, i1, lo, hi)), dim=-1)
+        n = n_pin_all + hi - lo
+        keys[:, :, n_pin_all:n, :dim] = rest_k[:, :, lo:hi]
+        values[:, :, n_pin_all:n] = rest_v[:, :, lo:hi]
+        parts = [band.pinned_visible(pin_index, i0, i1), band.recent_visible(i0, i1, lo, hi)]
+        if n_sink:
+            parts.insert(0, torch.ones(i1 - i0, 1, dtype=torch.bool, device=query.device))
         out[:, :, i0:i1] = F.scaled_dot_product_attention(
-            queries[:, :, i0:i1], keys[:, :, :n], values[:, :, :n], attn_mask=mask, scale=scaling, enable_gqa=True
-        )
+            queries[:, :, i0:i1], keys[:, :, :n], values[:, :, :n], attn_mask=torch.cat(parts, dim=-1),
+            scale=scaling, enable_gqa=True,
+        )  # fmt: skip
     return out
 
 
@@ -341,7 +394,7 @@ def _band_bias(block: int, window: int, groups: int, dtype: torch.dtype, device:
 
 def _sdpa_lse(
     query: Tensor, query_back: Tensor, pin_k: Tensor, pin_v: Tensor, pin_index: Tensor, rest_k: Tensor,
-    rest_v: Tensor, band: _Band, scaling: float, block: int,
+    rest_v: Tensor, band: _Band, scaling: float, block: int, sinks: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Per block: fused window attention with log-sum-exp; then the pinned logits, one LSE merge.
 
@@ -368,6 +421,7 @@ def _sdpa_lse(
     _blind_rows(out_w, lse_w, band.n_blind)
     visible = band.pinned_visible(pin_index, 0, q_len)
     pin_logits = _pinned_logits(_grouped(query_back, kv_heads), pin_k, visible, scaling, None)
+    pin_logits, pin_v = _with_sinks(pin_logits, pin_v, sinks)
     return _merge(out_w, lse_w, pin_logits, pin_v).to(query.dtype).view(batch, heads, q_len, -1)
 
 
@@ -406,7 +460,7 @@ def _window_block_mask(q_len: int, n_rest: int, window: int, device: torch.devic
 
 def _flex(
     query: Tensor, query_back: Tensor, pin_k: Tensor, pin_v: Tensor, pin_index: Tensor, rest_k: Tensor,
-    rest_v: Tensor, band: _Band, scaling: float, softcap: float | None,
+    rest_v: Tensor, band: _Band, scaling: float, softcap: float | None, sinks: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """FlexAttention over the whole chunk's windows (block-sparse), pinned part merged by LSE."""
     batch, heads, q_len, _ = query.shape
@@ -425,26 +479,30 @@ def _flex(
     pin_logits = _pinned_logits(
         _grouped(query_back, kv_heads), pin_k, band.pinned_visible(pin_index, 0, q_len), scaling, softcap
     )
+    pin_logits, pin_v = _with_sinks(pin_logits, pin_v, sinks)
     out = _merge(_grouped(out_w, kv_heads), _grouped(lse_w[..., None], kv_heads)[..., 0], pin_logits, pin_v)
     return out.to(query.dtype).view(batch, heads, q_len, -1)
 
 
-def _softcap_mod(softcap: float | None) -> Callable | None:
+def _softcap_mod(softcap: float | None, spared: int = 0) -> Callable | None:
+    """Soft-capping as a ``score_mod``; the first ``spared`` keys (learned sinks) keep their logit."""
     if softcap is None:
         return None
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.tanh(score / softcap) * softcap
+        capped = torch.tanh(score / softcap) * softcap
+        return capped if not spared else torch.where(kv_idx < spared, score, capped)
 
     return score_mod
 
 
 def _concat_block_mask(pin_index: Tensor, band: _Band, q_len: int):
-    """Block mask over keys ``[pinned | recent]``: key ``k`` is seen by queries ``first[k] <= t <= last[k]``."""
+    """Block mask over keys ``[pinned | recent]``: key ``k`` is seen by queries ``first[k] <= t <= last[k]``
+    (a pinned index of ``-2 ** 40`` marks a learned sink key, seen by all)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     device = band.device
-    pins = pin_index.to(device) - band.query_first  # in query-index units
+    pins = (pin_index.to(device) - band.query_first).clamp(min=-1)  # in query-index units
     recent = torch.arange(band.n_rest, device=device) + (band.rest_first - band.query_first)
     first = torch.cat((pins, recent))
     last = torch.cat((torch.full_like(pins, q_len), recent + band.window))
@@ -463,15 +521,25 @@ def _concat_block_mask(pin_index: Tensor, band: _Band, q_len: int):
 
 def _flex_concat(
     query: Tensor, query_back: Tensor, pin_k: Tensor, pin_v: Tensor, pin_index: Tensor, rest_k: Tensor,
-    rest_v: Tensor, band: _Band, scaling: float, softcap: float | None,
+    rest_v: Tensor, band: _Band, scaling: float, softcap: float | None, sinks: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """One FlexAttention call: queries ``[query | query_back]``, keys ``[0 | pin_k]`` then ``[rest_k | 0]``."""
+    """One FlexAttention call: queries ``[query | query_back]``, keys ``[0 | pin_k]`` then ``[rest_k | 0]``
+    (learned sinks: one more key first, reached through the queries' extra dimensions, as in ``sdpa_concat``)."""
     dim, n_pin = query.shape[-1], pin_k.shape[-2]
-    keys = rest_k.new_zeros(*rest_k.shape[:2], n_pin + rest_k.shape[-2], 2 * dim)
-    keys[:, :, :n_pin, dim:] = pin_k
-    keys[:, :, n_pin:, :dim] = rest_k
+    extra = _sink_column(query, sinks, scaling)
+    n_sink = 0 if extra is None else 1
+    width = 2 * dim + (0 if extra is None else extra.shape[-1])
+    keys = rest_k.new_zeros(*rest_k.shape[:2], n_sink + n_pin + rest_k.shape[-2], width)
+    keys[:, :, n_sink : n_sink + n_pin, dim : 2 * dim] = pin_k
+    keys[:, :, n_sink + n_pin :, :dim] = rest_k
     values = torch.cat((pin_v, rest_v), dim=2)
+    queries = torch.cat((query, query_back), dim=-1)
+    if n_sink:
+        keys[:, :, 0, 2 * dim] = 1
+        values = torch.cat((values.new_zeros(*values.shape[:2], 1, values.shape[-1]), values), dim=2)
+        queries = torch.cat((queries, extra), dim=-1)
+        pin_index = torch.cat((pin_index.new_full((1,), -(2**40)), pin_index))
     return _flex_attention()(
-        torch.cat((query, query_back), dim=-1), keys, values, score_mod=_softcap_mod(softcap),
+        queries, keys, values, score_mod=_softcap_mod(softcap, n_sink),
         block_mask=_concat_block_mask(pin_index, band, query.shape[-2]), scale=scaling, enable_gqa=True,
     )  # fmt: skip

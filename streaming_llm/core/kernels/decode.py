@@ -19,6 +19,13 @@ in :data:`PATHS` (picked by :func:`default_path` for the device and soft-capping
 - ``"explicit"``: the scores written out in float32 (any device, soft-capping included): the readable
   statement of the semantics and the CPU path for Gemma 2.
 
+Learned sink logits (gpt-oss's ``s_aux``, one per query head, ``sinks=``) join every path's softmax as one
+more term of the denominator with a zero value: ``out = sum_j exp(x_j) v_j / (sum_j exp(x_j) + exp(s_h))``.
+They are not keys (nothing is stored or read for them) and are independent of StreamingLLM's sink tokens,
+which are ordinary keys in the row's range. The triton path adds the term where it normalises (the split
+kernel with one split, else the reduce kernel); ``sdpa`` takes the fused kernel's log-sum-exp ``L`` and
+scales its output by ``sigmoid(L - s_h)``; ``explicit`` appends the logit to the scores.
+
 Softmax is in float32 on every path. For bf16/fp16 the triton path rounds the probabilities to the
 value dtype before the ``p @ V`` product, as fused attention kernels do (relative error <= 2^-8 for bf16).
 """
@@ -103,6 +110,7 @@ def decode_attention(
     path: str | None = None,
     out: Tensor | None = None,
     config: TritonConfig | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of one query token per row over that row's slots ``[lo[b], hi[b])``.
 
@@ -124,6 +132,9 @@ def decode_attention(
         out: optional ``(n, Hq, 1, Dv)`` tensor in ``query``'s dtype on its device to write the result into
             (any strides; not aliasing the inputs), e.g. a CUDA graph's static output.
         config: launch parameters of the triton path (default :data:`DEFAULT_CONFIG`).
+        sinks: optional ``(Hq,)`` learned sink logits (gpt-oss), any float dtype, on ``query``'s device: head
+            ``h``'s softmax gets one more term ``exp(sinks[h])`` in its denominator (no value). Applied after
+            ``scaling`` and ``softcap`` (the logit is used as it is).
 
     Returns:
         ``(n, Hq, 1, Dv)`` in ``query``'s dtype (``out`` itself if given). Softmax in float32.
@@ -132,6 +143,7 @@ def decode_attention(
         ValueError: If shapes, dtypes, devices or the path do not fit together (the message says which).
     """
     check_decode_inputs(query, keys, values, lo, hi, softcap, out)
+    check_sinks(sinks, query)
     if path is None:
         path = default_path(query.device, softcap)
     if path not in PATHS:
@@ -150,12 +162,27 @@ def decode_attention(
     if query.shape[0] == 0:
         return out
     if path == "triton":
-        _triton(query, keys, values, lo, hi, scaling, softcap, out, config or DEFAULT_CONFIG)
+        _triton(query, keys, values, lo, hi, scaling, softcap, out, config or DEFAULT_CONFIG, sinks)
     elif path == "sdpa":
-        out.copy_(_sdpa(query, keys, values, lo, hi, scaling))
+        out.copy_(_sdpa(query, keys, values, lo, hi, scaling, sinks))
     else:
-        out.copy_(_explicit(query, keys, values, lo, hi, scaling, softcap))
+        out.copy_(_explicit(query, keys, values, lo, hi, scaling, softcap, sinks))
     return out
+
+
+def check_sinks(sinks: Tensor | None, query: Tensor) -> None:
+    """Validate learned sink logits: ``(Hq,)`` floating point on ``query``'s device (or None).
+
+    Raises:
+        ValueError: Naming what does not fit.
+    """
+    if sinks is None:
+        return
+    heads = query.shape[1]
+    if sinks.shape != (heads,) or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a float tensor of shape ({heads},), got {sinks.dtype} {tuple(sinks.shape)}.")
+    if sinks.device != query.device:
+        raise ValueError(f"sinks must be on query's device {query.device}, got {sinks.device}.")
 
 
 def check_decode_inputs(
@@ -231,20 +258,33 @@ def range_mask(lo: Tensor, hi: Tensor, slots: int) -> Tensor:
     return (j >= lo[:, None]) & (j < hi[:, None])
 
 
-def _sdpa(query: Tensor, keys: Tensor, values: Tensor, lo: Tensor, hi: Tensor, scaling: float) -> Tensor:
-    """One SDPA call, ``(n, Hkv, groups, D)`` queries (heads folded into the query axis), boolean mask."""
+def _sdpa(
+    query: Tensor, keys: Tensor, values: Tensor, lo: Tensor, hi: Tensor, scaling: float, sinks: Tensor | None = None
+) -> Tensor:  # fmt: skip
+    """One SDPA call, ``(n, Hkv, groups, D)`` queries (heads folded into the query axis), boolean mask.
+
+    With ``sinks``: the fused kernel that also returns the log-sum-exp ``L`` (additive mask), and the output
+    scaled by ``exp(L) / (exp(L) + exp(s)) = sigmoid(L - s)``."""
     rows, heads, _, dim = query.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     q = query.reshape(rows, kv_heads, heads // kv_heads, dim)
     mask = range_mask(lo, hi, slots)[:, None, None, :]
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
-    return o.reshape(rows, heads, 1, values.shape[-1])
+    if sinks is None:
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+        return o.reshape(rows, heads, 1, values.shape[-1])
+    from .banded import _window_lse
+
+    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
+    o, lse = _window_lse(q, keys, values, bias, scaling)  # (n, Hkv, groups, Dv), (n, Hkv, groups)
+    keep = torch.sigmoid(lse.float() - sinks.float().reshape(1, kv_heads, -1))
+    return (o.float() * keep[..., None]).to(query.dtype).reshape(rows, heads, 1, values.shape[-1])
 
 
 def _explicit(
-    query: Tensor, keys: Tensor, values: Tensor, lo: Tensor, hi: Tensor, scaling: float, softcap: float | None
+    query: Tensor, keys: Tensor, values: Tensor, lo: Tensor, hi: Tensor, scaling: float, softcap: float | None,
+    sinks: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """Float32 scores ``(n, Hkv, groups, S)``, soft-capped, masked, softmax, then ``@ values``."""
+    """Float32 scores ``(n, Hkv, groups, S)``, soft-capped, masked, [sink logit appended], softmax, ``@ values``."""
     rows, heads, _, dim = query.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     q = query.reshape(rows, kv_heads, heads // kv_heads, dim).float()
@@ -252,6 +292,11 @@ def _explicit(
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
     scores.masked_fill_(~range_mask(lo, hi, slots)[:, None, None, :], float("-inf"))
+    if sinks is not None:  # one more softmax term per head, with no value: dropped after the softmax
+        sink = sinks.float().reshape(1, kv_heads, -1, 1).expand(rows, -1, -1, 1)
+        probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :slots]
+        o = probs @ values.float()
+        return o.reshape(rows, heads, 1, values.shape[-1]).to(query.dtype)
     o = scores.softmax(dim=-1) @ values.float()
     return o.reshape(rows, heads, 1, values.shape[-1]).to(query.dtype)
 
@@ -290,7 +335,7 @@ def _widen(query: Tensor) -> bool:
 
 def _triton(
     query: Tensor, keys: Tensor, values: Tensor, lo: Tensor, hi: Tensor, scaling: float, softcap: float | None,
-    out: Tensor, config: TritonConfig,
+    out: Tensor, config: TritonConfig, sinks: Tensor | None = None,
 ) -> None:  # fmt: skip
     from . import _decode_triton as kernels
 
@@ -307,23 +352,25 @@ def _triton(
     else:
         part_o = torch.empty(rows, heads, splits, dim_v, dtype=torch.float32, device=query.device)
         part_l = torch.empty(rows, heads, splits, dtype=torch.float32, device=query.device)
+    has_sinks = sinks is not None
+    sink_arg = sinks if has_sinks else lo  # any pointer when there are none (never read)
     kernels.decode_split[(rows, kv_heads, splits)](
-        query, keys, values, lo, hi, out, part_o, part_l,
+        query, keys, values, lo, hi, out, part_o, part_l, sink_arg,
         query.stride(0), query.stride(1), query.stride(3),
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
         out.stride(0), out.stride(1), out.stride(3),
-        lo.stride(0), hi.stride(0),
+        lo.stride(0), hi.stride(0), sink_arg.stride(0),
         slots, splits, float(scaling), float(softcap or 1.0),
         GROUPS=groups, G_PAD=_pad(groups), D=dim, D_PAD=_pad(dim), DV=dim_v, DV_PAD=_pad(dim_v),
-        BLOCK_N=config.block_n, SOFTCAP=softcap is not None, WIDEN=_widen(query), DIRECT=direct,
+        BLOCK_N=config.block_n, SOFTCAP=softcap is not None, WIDEN=_widen(query), DIRECT=direct, SINKS=has_sinks,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not direct:
         kernels.decode_reduce[(rows, heads)](
-            lo, hi, out, part_o, part_l,
-            out.stride(0), out.stride(1), out.stride(3), lo.stride(0), hi.stride(0),
+            lo, hi, out, part_o, part_l, sink_arg,
+            out.stride(0), out.stride(1), out.stride(3), lo.stride(0), hi.stride(0), sink_arg.stride(0),
             slots, splits, heads, config.block_n,
-            DV=dim_v, DV_PAD=_pad(dim_v), SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()),
+            DV=dim_v, DV_PAD=_pad(dim_v), SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()), SINKS=has_sinks,
             num_warps=1 if splits * _pad(dim_v) <= 2048 else 4,
         )  # fmt: skip
