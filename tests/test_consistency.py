@@ -149,6 +149,24 @@ def test_on_the_real_model_the_rule_changes_the_reply_and_the_surfaces_agree(smo
     assert via_generate != old and "apple banana cherry" not in tokenizer.decode(via_generate)
 
 
+def test_the_cli_samples_like_the_python_surfaces(smollm):
+    """``streaming-llm generate`` with a penalty prints what stream_generate gives on the same rendered context."""
+    import subprocess
+    import sys
+
+    model, tokenizer = smollm
+    greedy = SamplingConfig(repetition_penalty=1.5)
+    expected = "".join(p.text for p in stream_generate(model, tokenizer, rendered(tokenizer), recent_size=256,
+                                                       max_new_tokens=16, sampling=greedy))  # fmt: skip
+    flags = ["--recent-size", "256", "--max-tokens", "16", "--device", "cpu", "--temperature", "0",
+             "--repetition-penalty", "1.5", "--repeat-last-n", str(greedy.penalty_window),
+             "--dry-multiplier", "0"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "streaming_llm.cli", "generate", MESSAGE, *flags],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected.strip()
+
+
 def without_prompt_window(model, tokenizer, prompt: list[int], n: int, config: SamplingConfig) -> list[int]:
     """What the old session rule gave: the penalty window sees generated tokens only."""
     cache = StreamingCache(model.config, 4, 256, rows=1, dtype=torch.float32, device="cpu")
