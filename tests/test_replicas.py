@@ -88,7 +88,7 @@ class Cluster:
         messages = ([{"role": "system", "content": SYSTEM}] if not self.history[session] else []) + [
             {"role": "user", "content": text}
         ]
-        body = {"model": "x", "messages": messages, "max_tokens": max_tokens, "stream": stream}
+        body = {"model": "streaming-llm", "messages": messages, "max_tokens": max_tokens, "stream": stream}
         url = f"{self.url}/v1/chat/completions"
         if stream:
             with httpx.stream("POST", url, json=body, headers=self.headers(session), timeout=120) as r:
@@ -266,7 +266,7 @@ def test_autoscaling_adds_a_replica_for_live_sessions(cluster):
     try:
         assert running() == 1
         for i in range(5):  # 5 live sessions at a target of 2 each: the policy asks for 3, capped at 2
-            body = {"model": "x", "messages": [{"role": "user", "content": f"Hello {i}."}], "max_tokens": 2}
+            body = {"model": "streaming-llm", "messages": [{"role": "user", "content": f"Hello {i}."}], "max_tokens": 2}
             r = httpx.post(f"{cluster.url}/autoscaled/v1/chat/completions", json=body, timeout=60,
                            headers=cluster.headers(f"auto-{i}"))  # fmt: skip
             assert r.status_code == 200, r.text

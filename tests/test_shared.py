@@ -52,14 +52,14 @@ class Replicas:
     async def chat(self, i: int, text: str, session: str | None, first: bool = False) -> httpx.Response:
         messages = ([{"role": "system", "content": SYSTEM}] if first else []) + [{"role": "user", "content": text}]
         headers = {"X-Session-Id": session} if session else {}
-        body = {"model": "x", "messages": messages, "max_tokens": 8}
+        body = {"model": "streaming-llm", "messages": messages, "max_tokens": 8}
         return await self.clients[i].post("/v1/chat/completions", json=body, headers=headers, timeout=120)
 
     async def close(self) -> None:
         for client, sync, app in zip(self.clients, self.syncs, self.apps, strict=True):
             await client.aclose()
             await sync.client.aclose()
-            await asyncio.to_thread(app.state.server.engine.shutdown, 5)
+            await asyncio.to_thread(app.state.server.shutdown, 5)
 
 
 def reply(response: httpx.Response) -> str:
@@ -198,7 +198,7 @@ def test_a_replica_checks_host_origin_and_key_once_and_sends_cors_once(tiny_dir,
     model, tokenizer = load(tiny_dir)
     app = create_app(model, tokenizer, recent_size=WINDOW, api_key="k", allowed_origins=config.allowed_origins)
     sync, asgi = replica_app(app, config, "r1")
-    body = {"model": "x", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2}
+    body = {"model": "streaming-llm", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2}
 
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://127.0.0.1") as c:
@@ -208,7 +208,7 @@ def test_a_replica_checks_host_origin_and_key_once_and_sends_cors_once(tiny_dir,
             no_key = await c.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "cors"})
             bad_origin = await c.post("/v1/chat/completions", json=body, headers={**good, "Origin": "http://evil"})
         await sync.client.aclose()
-        await asyncio.to_thread(app.state.server.engine.shutdown, 5)
+        await asyncio.to_thread(app.state.server.shutdown, 5)
         return ok, stamp, no_key, bad_origin
 
     ok, stamp, no_key, bad_origin = asyncio.run(scenario())

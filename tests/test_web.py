@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REPO, tiny_llama
-from test_server import KEY, SYSTEM, WINDOW, Served
+from test_server import GREEDY, KEY, SYSTEM, WINDOW, Served
 
 MAX_TOKENS = 24  # per reply in the browser conversation
 TURNS = [f"Turn {i}: tell me about item number {i}." for i in range(5)]
@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def page_server(model_dir):
-    server = Served(model_dir, "--api-key", KEY, "--start-size", "4", "--recent-size", str(WINDOW))
+    server = Served(model_dir, *GREEDY, "--api-key", KEY, "--start-size", "4", "--recent-size", str(WINDOW))
     yield server
     server.stop()
 
