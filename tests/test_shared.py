@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from streaming_llm.runtime.sampling import SamplingConfig
 from streaming_llm.serving.shared import SessionFiles, SessionSync
 
 SYSTEM = "You are a terse assistant."
@@ -43,7 +44,7 @@ class Replicas:
         self.apps, self.syncs, self.clients = [], [], []
         for name in ("a", "b"):
             model, tokenizer = load(tiny_dir)
-            app = create_app(model, tokenizer, recent_size=WINDOW)
+            app = create_app(model, tokenizer, recent_size=WINDOW, sampling=SamplingConfig())  # greedy: the reference
             sync = SessionSync(wrap(app) if wrap else app, files(folder), replica=name)
             self.apps.append(app)
             self.syncs.append(sync)
@@ -109,7 +110,10 @@ def test_a_session_moving_back_and_forth_continues_exactly(tiny_dir, tmp_path):
 
     (tmp_path / "out.safetensors").write_bytes(exported)
     restored = StreamingSession.load(tmp_path / "out.safetensors", *load(tiny_dir))
-    assert restored.turns == 4 and torch.equal(restored.last_logits, session.last_logits)
+    assert restored.turns == 4
+    # The same tokens (above); the logits to fp32 rounding: the server's engine feeds a prompt in chunks of its
+    # token budget and steps rows in buckets, the in-process reference feeds each prompt whole.
+    torch.testing.assert_close(restored.last_logits, session.last_logits, atol=1e-5, rtol=0)
 
 
 def test_delete_anonymous_and_live_count(tiny_dir, tmp_path):

@@ -76,7 +76,7 @@ def add_parser(subparsers) -> None:
         help="let float32 matmuls use TF32 tensor cores on CUDA (faster; recorded in the results' meta)",
     )  # fmt: skip
     recall.add_argument("--dense-layer", type=int, default=None, help="retrieval-dense/fused: layer (default: middle)")
-    recall.add_argument("--hybrid-trials", type=int, default=None, help="hybrid: trials (default --trials)")
+    recall.add_argument("--hybrid-trials", type=int, default=None, help="hybrid: trials (default: --trials)")
     recall.add_argument("--hybrid-max-distance", type=int, default=1024, help="hybrid: longest distance (it is slow)")
     recall.add_argument("--update-every", type=int, default=256, help="hybrid: evicted tokens per summary update")
     recall.add_argument("--summary-tokens", type=int, default=128, help="hybrid: largest summary (tokens)")

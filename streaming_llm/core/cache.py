@@ -1417,8 +1417,9 @@ class StreamingCache(Cache):
             config, int(counters["start_size"]), int(counters["recent_size"]), int(counters["segment_capacity"]),
             positions=counters.get("positions"), rows=rows, dtype=sample.dtype, device=sample.device,
         )  # fmt: skip
-        for b in range(rows):
-            cache._restore(b, {k: v[:, b : b + 1] for k, v in tensors.items()}, counters)
+        for b in range(rows):  # group tensors are (layers, rows, ...), recurrent states (rows, ...)
+            row = {k: v[b : b + 1] if k.startswith("states.") else v[:, b : b + 1] for k, v in tensors.items()}
+            cache._restore(b, row, counters)
         cache.free.clear()
         return cache
 
