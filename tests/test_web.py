@@ -231,6 +231,13 @@ def test_chat_in_a_real_browser(browser, page_server, model_dir, tmp_path):
 
     # Five turns, each typed and sent with Enter; the page against the in-process reference.
     expected, expected_stats = _reference(model_dir, TURNS)
+    # The server's row holds a pinned area of --pinned-capacity (default 256) for system prompts: its bytes, not the
+    # in-process session's (which pins just its prompt), are what the page shows.
+    from transformers import AutoConfig
+
+    from streaming_llm.serving.replicas import session_bytes
+
+    row_bytes = session_bytes(AutoConfig.from_pretrained(model_dir), 4, WINDOW, "float32", pinned_capacity=256)
     _js(driver, PIECES)
     seen = []
     for i, turn in enumerate(TURNS):
@@ -243,10 +250,10 @@ def test_chat_in_a_real_browser(browser, page_server, model_dir, tmp_path):
         assert len(pieces) > 1 and pieces == sorted(set(pieces)) and pieces[-1] == len(expected[i])  # piece by piece
         shown, want = _counters(driver), expected_stats[i]
         assert [int(shown[k]) for k in ("seen", "evicted", "cached", "mib", "turns")] == [
-            want.seen_tokens, want.evicted_tokens, want.cached_tokens, want.cache_bytes, want.turns]  # fmt: skip
+            want.seen_tokens, want.evicted_tokens, want.cached_tokens, row_bytes, want.turns]  # fmt: skip
         assert float(shown["rate"]) > 0
         mib_text = _js(driver, "return document.getElementById('mib').textContent")
-        assert float(mib_text) == pytest.approx(want.cache_bytes / 2**20, rel=1e-2)
+        assert float(mib_text) == pytest.approx(row_bytes / 2**20, rel=1e-2)
         seen.append(want)
     assert seen[-1].evicted_tokens > WINDOW and seen[-1].evicted_tokens > seen[1].evicted_tokens > 0
     assert len({s.cache_bytes for s in seen}) == 1  # memory flat while evictions grow
