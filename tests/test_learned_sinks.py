@@ -43,14 +43,14 @@ def decode_reference(query, keys, values, lo, hi, scaling, softcap=None, sinks=N
     out = torch.empty(rows, heads, 1, values.shape[-1], dtype=torch.float64)
     for b in range(rows):
         first, last = int(lo[b]), int(hi[b])
-        q = query[b, :, 0].double()
-        k = keys[b, :, first:last].double().repeat_interleave(groups, dim=0)
-        v = values[b, :, first:last].double().repeat_interleave(groups, dim=0)
+        q = query[b, :, 0].double().cpu()
+        k = keys[b, :, first:last].double().cpu().repeat_interleave(groups, dim=0)
+        v = values[b, :, first:last].double().cpu().repeat_interleave(groups, dim=0)
         logits = torch.einsum("hd,hld->hl", q, k) * scaling
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         logits = torch.cat((logits, sinks.double().cpu()[:, None]), dim=1)
-        out[b, :, 0] = torch.einsum("hl,hld->hd", logits.softmax(dim=-1)[:, :-1], v).cpu()
+        out[b, :, 0] = torch.einsum("hl,hld->hd", logits.softmax(dim=-1)[:, :-1], v)
     return out
 
 

@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounter
 
 import streaming_llm
 from streaming_llm import StreamingCache
-from streaming_llm.core.stepper import Stepper, bucket_for
+from streaming_llm.core.stepper import Stepper, bucket_for, capturable_experts
 
 START, RECENT = 4, 12
 
@@ -84,3 +84,24 @@ def test_decode_steps_keep_one_layout():
 def test_buckets():
     assert [bucket_for(n, 64) for n in (1, 2, 3, 5, 9, 17, 33, 64)] == [1, 2, 4, 8, 16, 32, 64, 64]
     assert bucket_for(3, 3) == 3 and bucket_for(300, 1000) == 512 and bucket_for(100, 100) == 100
+
+
+def test_capture_runs_experts_through_a_capturable_forward_and_puts_the_model_s_back():
+    """Mixture-of-experts layers are captured through transformers' batched_mm experts (their default grouped_mm
+    reads the host outside bfloat16: seen on the H200), which computes the same MLP; the model keeps its own."""
+    from test_architectures import CASES
+
+    moe = next(c for c in CASES if c.name == "Qwen3-MoE").model()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = moe(input_ids=ids).logits
+        with capturable_experts(moe):
+            assert moe.get_experts_implementation() == {"": "batched_mm"}
+            batched = moe(input_ids=ids).logits
+    assert moe.get_experts_implementation() == {"": "grouped_mm"}
+    torch.testing.assert_close(batched, own, atol=1e-5, rtol=0)
+    with capturable_experts(moe.bfloat16()):  # grouped_mm captures in bfloat16: left as it is
+        assert moe.get_experts_implementation() == {"": "grouped_mm"}
+    dense = tiny_llama()
+    with capturable_experts(dense):  # no experts: nothing to switch
+        assert not type(dense)._can_set_experts_implementation()

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel
@@ -42,6 +43,34 @@ def graphs_enabled(model: PreTrainedModel, requested: bool | None = None) -> boo
     if requested is not None:
         return requested and model.device.type == "cuda"
     return model.device.type == "cuda" and os.environ.get("STREAMING_LLM_CUDA_GRAPHS", "1") != "0"
+
+
+@contextmanager
+def capturable_experts(model: PreTrainedModel) -> Iterator[None]:
+    """Run a mixture-of-experts model's experts through transformers' ``batched_mm`` while a step is captured,
+    when the model's own experts forward would read the device from the host.
+
+    transformers picks the experts forward through its experts registry (``config._experts_implementation``).
+    Its ``eager`` one loops over the experts hit (a host read of the routing) and its default ``grouped_mm``
+    copies the group offsets to the host for any dtype but bfloat16 (seen on an H200, torch 2.11); neither can
+    be captured in a CUDA graph. ``batched_mm`` gathers each token's experts and reads only device tensors. The
+    model's setting is put back afterwards: prefill chunks keep the model's own experts forward.
+    Models without experts are left alone.
+    """
+    get = getattr(model, "get_experts_implementation", None)
+    if get is None or not model._can_set_experts_implementation():
+        yield
+        return
+    before = get()
+    capturable = {"batched_mm"} if model.dtype != torch.bfloat16 else {"batched_mm", "grouped_mm"}
+    if all(impl in capturable for impl in before.values() if impl is not None):
+        yield
+        return
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
 
 
 class Stepper:
@@ -147,6 +176,10 @@ class Stepper:
         """Capture the planned step. It runs eagerly first (a warm-up on a side stream); its attention part is
         idempotent (same slots, same values) and its recurrent states are put back, so the replay that follows
         runs the step for real."""
+        with capturable_experts(self.model):
+            return self._capture_step(plan, ids, positions)
+
+    def _capture_step(self, plan: StepPlan, ids: torch.Tensor, positions: torch.Tensor):
         began = time.perf_counter()
         states = self.cache.snapshot_states()  # recurrent states advance on every run: undo the warm-up's
         side = torch.cuda.Stream()
