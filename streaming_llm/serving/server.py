@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -166,11 +167,15 @@ class Server:
 
     # -- sessions --------------------------------------------------------------------------------------
     def anonymous_id(self, messages: list[Message]) -> str:
-        """The session a request without an id continues (by the digest of its history), or a new id."""
+        """The session a request without an id continues (by the digest of its history), or a new id.
+
+        The match is claimed (:meth:`SessionStore.claim_by_digest`): of two clients sending the same history at
+        once, one continues the session and the other gets a new one (fed the whole history), never the same one.
+        """
         digest = ""
         for message in messages[:-1]:
             digest = chain(digest, message.kind, message.text)
-        found = self.store.find_by_digest(digest) if len(messages) > 1 else None
+        found = self.store.claim_by_digest(digest) if len(messages) > 1 else None
         return found or f"session-{uuid.uuid4().hex}"
 
     def resolve(self, session_id: str, messages: list[Message]) -> Live:
@@ -178,12 +183,16 @@ class Server:
         try:
             live = self.store.get(session_id)
         except SessionFileError as problem:
+            self.store.release_claim(session_id)
             raise RequestError(
                 409,
-                f"The stored session {session_id!r} cannot be used: {problem} Delete it "
+                f"The stored session {session_id!r} cannot be used: {self.store.redact(str(problem))} Delete it "
                 "(DELETE /v1/sessions/{id}) to start over.",
                 code="session_unreadable",
             ) from None
+        except BaseException:
+            self.store.release_claim(session_id)
+            raise
         if live is None:
             system = messages[0] if messages[0].kind == "system" else None
             memory = RetrievalMemory() if self.memory == "retrieval" else None
@@ -197,6 +206,7 @@ class Server:
             self.resumed += 1
         live.inflight += 1
         self.store.put(live)
+        self.store.release_claim(session_id)  # in flight now: no other anonymous request can match it
         return live
 
     def new_messages(self, live: Live, messages: list[Message]) -> list[Message]:
@@ -379,7 +389,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_generation_routes(app: FastAPI, server: Server) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health():
         return server.health()
 
@@ -619,7 +629,7 @@ def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, RequestError):
         return error_response(item.status, item.message, item.kind, item.param, item.code)
     if isinstance(item, SessionFileError):
-        return error_response(400, str(item), code="invalid_session_file")
+        return error_response(400, _no_paths(str(item)), code="invalid_session_file")
     if isinstance(item, QueueFull):
         return error_response(429, str(item), "rate_limit_error", code="queue_full")
     if isinstance(item, SessionBrokenError):
@@ -627,7 +637,13 @@ def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, ValueError):
         return error_response(400, str(item))
     log.error("request failed", exc_info=item)
-    return error_response(500, f"Generation failed ({type(item).__name__}: {item}).", "server_error")
+    return error_response(500, f"Generation failed ({type(item).__name__}: {_no_paths(str(item))}).", "server_error")
+
+
+def _no_paths(message: str) -> str:
+    """``message`` with file system paths (absolute, two parts or more) replaced by ``<path>``: errors name the
+    problem, never a server path."""
+    return re.sub(r"(?<![\w.])/(?:[^/\s'\"]+/)+[^/\s'\"]*", "<path>", message)
 
 
 def _ending_error(request: runtime.Request) -> BaseException | None:

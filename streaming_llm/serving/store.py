@@ -74,6 +74,7 @@ class SessionStore:
         self.live: OrderedDict[str, Live] = OrderedDict()
         self.by_digest: dict[str, str] = {}  # digest of a live session -> its id (fallback matching)
         self.lock = threading.RLock()
+        self.claimed: set[str] = set()  # ids matched by digest whose request is not yet in flight
         self.state_dir = Path(state_dir) if state_dir else None
         self.db: sqlite3.Connection | None = None
         if self.state_dir:
@@ -103,6 +104,33 @@ class SessionStore:
                 row = self.db.execute("SELECT id FROM sessions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
                 return row[0] if row else None
         return None
+
+    def claim_by_digest(self, digest: str) -> str | None:
+        """Like :meth:`find_by_digest`, but atomic: the session found is claimed for the caller (until
+        :meth:`release_claim`), and a session that is claimed or has a request in flight is never returned. Of
+        two anonymous clients that send the same history at once, one gets the session and the other None (a new
+        session), so their conversations never merge."""
+        with self.lock:
+            found = self.by_digest.get(digest)
+            if found is None and self.db is not None:
+                rows = self.db.execute("SELECT id FROM sessions WHERE digest = ?", (digest,)).fetchall()
+                found = next((r[0] for r in rows if r[0] not in self.claimed and r[0] not in self.live), None)
+            if found is None or found in self.claimed:
+                return None
+            live = self.live.get(found)
+            if live is not None and (live.inflight or live.digest != digest):
+                return None
+            self.claimed.add(found)
+            return found
+
+    def release_claim(self, session_id: str) -> None:
+        """End the claim of :meth:`claim_by_digest` (once the request is in flight, or refused)."""
+        with self.lock:
+            self.claimed.discard(session_id)
+
+    def redact(self, message: str) -> str:
+        """``message`` without the state folder's path (errors never show a server path)."""
+        return message.replace(str(self.state_dir), "<state-dir>") if self.state_dir else message
 
     def get(self, session_id: str) -> Live | None:
         """The session (from memory, or restored from disk onto the engine), or None when unknown.
