@@ -25,6 +25,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
                    code: str | None = None) -> JSONResponse:  # fmt: skip
     """An OpenAI-shaped error; a 429 or 503 carries ``Retry-After`` (seconds) as well."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    message = message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate quoted back: still UTF-8
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
                         headers=headers)  # fmt: skip
 
