@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -76,7 +77,7 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize(("extra", "param"), BAD_BODIES)
 def test_unworkable_values_are_refused_up_front_and_the_named_session_is_untouched(served, extra, param):
-    name = f"kept-{param}"
+    name = f"kept-{uuid.uuid4().hex}"
     assert post(served, {"messages": [user("Hello")], "max_tokens": 2}, {"X-Session-Id": name}).status_code == 200
     before = served.get(f"/v1/sessions/{name}").json()
     refused = post(served, {"messages": [user("Again")], "max_tokens": 2, **extra}, {"X-Session-Id": name})
@@ -84,7 +85,7 @@ def test_unworkable_values_are_refused_up_front_and_the_named_session_is_untouch
     error = refused.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
     after = served.get(f"/v1/sessions/{name}").json()
-    assert after["messages"] == before["messages"] == 2 and after["turns"] == before["turns"]
+    assert after["messages"] == before["messages"] == 2 and after["turns"] == before["turns"] == 1
     assert post(served, {"messages": [user("Again")], "max_tokens": 2}, {"X-Session-Id": name}).status_code == 200
 
 
@@ -194,3 +195,37 @@ def test_control_tokens_in_user_text_stay_text(model, tokenizer):
                                              add_generation_prompt=True)  # fmt: skip
     system = tokenizer.apply_chat_template([{"role": "system", "content": "Be kind."}], tokenize=False)
     assert benign == tokenizer(rendered[len(system) :], add_special_tokens=False)["input_ids"]
+
+
+def test_a_damaged_or_missing_index_is_rebuilt_from_the_session_files(tiny_dir, tmp_path):
+    state = tmp_path / "state"
+    server = Served(tiny_dir, *GREEDY, "--api-key", KEY, "--state-dir", str(state))
+    try:
+        for name in ("alpha", "beta"):
+            assert post(server, {"messages": [user(f"Hi {name}")], "max_tokens": 2}, {"X-Session-Id": name}).is_success
+    finally:
+        server.stop()
+    index = state / "index.sqlite3"
+    damages = {
+        "garbage": lambda: index.write_bytes(b"this is not a database" * 100),
+        "truncated": lambda: index.write_bytes(index.read_bytes()[:100]),
+        "directory": lambda: (index.unlink(), index.mkdir()),
+        "missing": lambda: index.unlink(),
+    }
+    expected = {"alpha": 2, "beta": 2}
+    for damage, apply in damages.items():
+        for extra in ("-wal", "-shm"):
+            (state / f"index.sqlite3{extra}").unlink(missing_ok=True)
+        apply()
+        server = Served(tiny_dir, *GREEDY, "--api-key", KEY, "--state-dir", str(state))
+        try:
+            listed = {s["id"]: s["messages"] for s in server.get("/v1/sessions").json()["data"]}
+            assert listed == expected, damage
+            again = post(server, {"messages": [user("Again")], "max_tokens": 2}, {"X-Session-Id": "alpha"})
+            assert again.is_success and server.get("/v1/sessions/alpha").json()["messages"] == expected["alpha"] + 2
+        finally:
+            server.stop()
+        log = "".join(server.lines)
+        assert "rebuilt the session index from 2 session files" in log, damage
+        assert ("moved it to" in log) == (damage != "missing"), damage
+        expected["alpha"] += 2

@@ -70,7 +70,7 @@ from .config import Limits, exposure_warning
 from .guard import Guard
 from .page import add_web_routes
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
-from .store import Live, SessionStore, chain
+from .store import Live, SessionStore, StateDirError, chain
 
 log = logging.getLogger(__name__)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: "stop"}
@@ -737,14 +737,17 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
     limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     request_timeout=args.request_timeout)  # fmt: skip
-    app = create_app(
-        model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
-        max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
-        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
-        allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
-        pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
-        web=not args.no_web, memory=args.memory,
-    )  # fmt: skip
+    try:
+        app = create_app(
+            model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
+            max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
+            allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+            allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
+            pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
+            web=not args.no_web, memory=args.memory,
+        )  # fmt: skip
+    except StateDirError as problem:
+        raise SystemExit(f"error: {problem}") from None
     configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level="warning")  # fmt: skip
