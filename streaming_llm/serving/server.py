@@ -186,7 +186,7 @@ class Server:
             self.store.release_claim(session_id)
             raise RequestError(
                 409,
-                f"The stored session {session_id!r} cannot be used: {self.store.redact(str(problem))} Delete it "
+                f"The stored session {session_id!r} cannot be used: {_no_paths(str(problem), 'its file')} Delete it "
                 "(DELETE /v1/sessions/{id}) to start over.",
                 code="session_unreadable",
             ) from None
@@ -640,10 +640,10 @@ def failure(item: BaseException) -> JSONResponse:
     return error_response(500, f"Generation failed ({type(item).__name__}: {_no_paths(str(item))}).", "server_error")
 
 
-def _no_paths(message: str) -> str:
-    """``message`` with file system paths (absolute, two parts or more) replaced by ``<path>``: errors name the
+def _no_paths(message: str, instead: str = "<path>") -> str:
+    """``message`` with file system paths (absolute, two parts or more) replaced by ``instead``: errors name the
     problem, never a server path."""
-    return re.sub(r"(?<![\w.])/(?:[^/\s'\"]+/)+[^/\s'\"]*", "<path>", message)
+    return re.sub(r"(?<![\w.])/(?:[^/\s'\"]+/)+[^/\s'\"]*", instead, message)
 
 
 def _ending_error(request: runtime.Request) -> BaseException | None:

@@ -185,10 +185,6 @@ class SessionStore:
         with self.lock:
             self.claimed.discard(session_id)
 
-    def redact(self, message: str) -> str:
-        """``message`` without the state folder's path (errors never show a server path)."""
-        return message.replace(str(self.state_dir), "<state-dir>") if self.state_dir else message
-
     def get(self, session_id: str) -> Live | None:
         """The session (from memory, or restored from disk onto the engine), or None when unknown.
 
