@@ -217,7 +217,10 @@ def test_a_damaged_or_missing_index_is_rebuilt_from_the_session_files(tiny_dir, 
         for extra in ("-wal", "-shm"):
             (state / f"index.sqlite3{extra}").unlink(missing_ok=True)
         apply()
+        stray = state / "sessions" / ".tmpAb3xY9"  # what safetensors leaves after a kill -9 mid-save
+        stray.write_bytes(b"\x00" * 1_000_000)
         server = Served(tiny_dir, *GREEDY, "--api-key", KEY, "--state-dir", str(state))
+        assert not stray.exists()
         try:
             listed = {s["id"]: s["messages"] for s in server.get("/v1/sessions").json()["data"]}
             assert listed == expected, damage

@@ -32,7 +32,13 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..runtime.engine import Engine
-from ..sessions.persistence import SessionFileError, read_session_file, remove_stale_temporaries, write_session_file
+from ..sessions.persistence import (
+    SessionFileError,
+    read_session_file,
+    remove_library_temporaries,
+    remove_stale_temporaries,
+    write_session_file,
+)
 from ..sessions.session import StreamingSession
 
 log = logging.getLogger(__name__)
@@ -89,7 +95,8 @@ class SessionStore:
                 raise StateDirError(f"cannot use --state-dir {self.state_dir}: {error.strerror}") from None
             if not all(os.access(d, os.W_OK | os.X_OK) for d in (self.state_dir, self.state_dir / "sessions")):
                 raise StateDirError(f"--state-dir {self.state_dir} is not writable; give the server a folder it owns")
-            for stale in remove_stale_temporaries(self.state_dir / "sessions"):
+            stale_files = remove_stale_temporaries(self.state_dir / "sessions")
+            for stale in stale_files + remove_library_temporaries(self.state_dir / "sessions"):
                 log.warning("removed a stale temporary file: %s", stale)
             try:
                 self.db = self._open_index()
