@@ -184,7 +184,7 @@ def main() -> None:
                    "--checkpoints", *map(str, args.checkpoints)]  # fmt: skip
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
         results[method] = json.loads(done.stdout.strip().splitlines()[-1])
-    write(results, args, time.time() - began)
+        write(results, args, time.time() - began)  # after every method: a later failure loses nothing
 
 
 def write(results: dict, args: argparse.Namespace, seconds: float) -> None:
