@@ -26,7 +26,7 @@ def add_model_flags(parser: argparse.ArgumentParser, recent_size: int = 2000) ->
     group.add_argument(
         "--quantize", default=None, choices=["int4"],
         help="CPU only, opt-in: int4 weight-only linear layers (per group of 32, PyTorch's CPU int4 kernel); "
-        "about 2x faster decoding than fp32, perplexity within ~1%% (default: off, the weights as loaded)",
+        "1.3-2x faster decoding than fp32, perplexity within 1%% (default: off, the weights as loaded)",
     )  # fmt: skip
     group.add_argument("--start-size", type=int, default=4, help="attention-sink tokens kept forever at the start")
     group.add_argument(
