@@ -113,7 +113,7 @@ def _measure(args: argparse.Namespace) -> int:
         model = AutoModelForCausalLM.from_pretrained(resolve(args.model), dtype=pick_dtype(args.dtype, device))
         model = model.to(device).eval()
     else:
-        model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
+        model, _ = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     install(model)
     rank = dist.get_rank() if dist.is_initialized() else 0
     methods = {"streaming": lambda: StreamingCache(model.config, args.start_size, args.recent_size)}

@@ -85,7 +85,10 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def load_model(
-    model: str | os.PathLike | None = None, device: str | None = None, dtype: str | torch.dtype | None = None
+    model: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, offline, ready for inference.
 
@@ -93,17 +96,33 @@ def load_model(
         model: ``None`` (embedded SmolLM2-135M-Instruct), a local HF model directory, or a ``.gguf`` file.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default bf16 on CUDA, fp32 on CPU.
+        quantize: ``None`` (default: the weights as loaded) or ``"int4"``: the linear layers' weights
+            int4 per group of 32, run by PyTorch's CPU int4 kernel (CPU only; a lower-precision mode,
+            see :mod:`streaming_llm.runtime.cpu_weights`).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode on ``device``.
+
+    Raises:
+        ValueError: An unknown ``quantize`` mode, or ``quantize`` with a device other than the CPU
+            (checked before anything is loaded).
     """
-    directory = resolve(model)
+    from .cpu_weights import QUANTIZE_MODES, quantize_model
+
     target = pick_device(device)
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"Unknown quantize mode '{quantize}'; use one of {QUANTIZE_MODES}.")
+    if quantize is not None and target.type != "cpu":
+        raise ValueError(f"--quantize {quantize} runs on the CPU only; pass --device cpu (got {target}).")
+    directory = resolve(model)
     torch_dtype = pick_dtype(dtype, target)
     with _quiet_loading():  # transformers' "Loading weights" bar on every start says nothing useful
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
-    return loaded.to(target).eval(), tokenizer
+    loaded = loaded.to(target).eval()
+    if quantize is not None:
+        quantize_model(loaded, quantize)
+    return loaded, tokenizer
 
 
 @contextlib.contextmanager
