@@ -178,3 +178,24 @@ def test_session_save_restore_identical_logits_and_refuses_another_kv_dtype(mode
     other = StreamingCache(model.config, 4, 40, rows=1, dtype=torch.float32, kv_dtype="bfloat16")
     with pytest.raises(ValueError, match="same kv dtype"):
         other._restore(0, *session.engine.cache.row_state(0))
+
+
+@pytest.mark.parametrize("kv_dtype", QUANTIZED)
+@torch.no_grad()
+def test_decode_steps_read_the_same_quantized_ring_as_chunks(model, kv_dtype):
+    """The stepper's decode step (scatter into the ring, per-row slot ranges) reads what a transformers loop of
+    one-token chunks reads from a cache of the same kv dtype: equal logits up to float32 order, past eviction."""
+    from streaming_llm.core.stepper import Stepper
+
+    ids = torch.randint(0, 128, (140,), generator=torch.Generator().manual_seed(2))
+    loop = StreamingCache(model.config, 4, 60, rows=1, kv_dtype=kv_dtype)
+    stepped = StreamingCache(model.config, 4, 60, rows=1, dtype=torch.float32, device="cpu", kv_dtype=kv_dtype)
+    stepper = Stepper(model, stepped)
+    model(ids[None, :20], past_key_values=loop)
+    stepper.prefill(0, ids[:20])
+    for i in range(20, 140):
+        want = model(ids[None, i : i + 1], past_key_values=loop).logits[0, -1]
+        got = stepper.decode({0: int(ids[i])})[0]
+        # float32 sums in another order; a last-bit difference of a key can move an e4m3 rounding by one step
+        torch.testing.assert_close(got, want, atol=1e-4 if kv_dtype == "int8" else 1e-3, rtol=0)
+    assert isinstance(stepped.groups[0].keys, QuantTensor)
