@@ -189,3 +189,14 @@ def test_a_one_token_demo_says_what_it_shows_and_claims_no_flat_memory():
     assert "seed 0" in header and "Loading weights" not in result.stderr
     final = next(line for line in result.stderr.splitlines() if line.startswith("[1 token |"))
     assert "nothing evicted yet" in final and "flat" not in final
+
+
+def test_kv_dtype_flag_on_generate_chat_serve_and_eval_ppl():
+    for command in (("generate",), ("chat",), ("serve",), ("eval", "ppl")):
+        assert "--kv-dtype" in run(*command, "--help").stdout, command
+    bad = run("generate", "Hi", "--kv-dtype", "int4")
+    assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
+    result = run("generate", "Count from one to ten.", "--max-tokens", "24", "--recent-size", "16", "--kv-dtype",
+                 "int8", "--temperature", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "cache memory: flat" in result.stderr

@@ -47,7 +47,7 @@ def add_session_flags(parser: argparse.ArgumentParser) -> None:
         "passages that best match each message",
     )  # fmt: skip
     group.add_argument("--load", default=None, metavar="PATH", help="resume a session saved with /save")
-    add_model_flags(parser)
+    add_model_flags(parser, kv_dtype=True)
     add_sampling_flags(parser)
 
 
@@ -58,10 +58,12 @@ def make_session(args: argparse.Namespace, model, tokenizer):
 
     memory = {"hybrid": HybridMemory, "retrieval": RetrievalMemory}[args.memory]() if args.memory else None
     if args.load:
-        return StreamingSession.load(args.load, model, tokenizer, memory=memory)
+        kv = {} if args.kv_dtype is None else {"kv_dtype": args.kv_dtype}  # default: as the file was saved
+        return StreamingSession.load(args.load, model, tokenizer, memory=memory, **kv)
     return StreamingSession(
         model, tokenizer, args.system, start_size=args.start_size, recent_size=args.recent_size,
         pin_system_prompt=not args.no_pin_system, sampling=sampling_config(args), memory=memory,
+        kv_dtype=args.kv_dtype,
     )  # fmt: skip
 
 

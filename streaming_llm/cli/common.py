@@ -12,7 +12,19 @@ if TYPE_CHECKING:  # torch and transformers are imported only when a command run
     from ..runtime.sampling import SamplingConfig
 
 
-def add_model_flags(parser: argparse.ArgumentParser, recent_size: int = 2000) -> None:
+KV_DTYPES = ("bfloat16", "float16", "float32", "int8", "float8_e4m3")  # = core.quant.KV_DTYPES (fast --help)
+
+
+def add_kv_dtype_flag(parser) -> None:
+    """``--kv-dtype`` (commands whose cache honours it)."""
+    parser.add_argument(
+        "--kv-dtype", default=None, choices=KV_DTYPES,
+        help="how the cache stores keys/values: int8 / float8_e4m3 quantize them with one scale per token and head "
+        "(about half the KV memory of bf16); default: the model's dtype",
+    )  # fmt: skip
+
+
+def add_model_flags(parser: argparse.ArgumentParser, recent_size: int = 2000, kv_dtype: bool = False) -> None:
     group = parser.add_argument_group("model and cache")
     group.add_argument(
         "--model", default=None,
@@ -32,6 +44,8 @@ def add_model_flags(parser: argparse.ArgumentParser, recent_size: int = 2000) ->
     group.add_argument(
         "--recent-size", type=int, default=recent_size, help="most recent tokens kept; older ones are evicted"
     )
+    if kv_dtype:
+        add_kv_dtype_flag(group)
 
 
 # Sampling defaults of chat, generate, ingest and demo, chosen by measurement on the embedded model

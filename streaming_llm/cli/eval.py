@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_flags, load
+from .common import add_kv_dtype_flag, add_model_flags, load
 
 
 def add_parser(subparsers) -> None:
@@ -28,6 +28,7 @@ def add_parser(subparsers) -> None:
 
     ppl = commands.add_parser("ppl", help="dense / window / recompute / streaming perplexity on the same tokens")
     _common(ppl, tokens=65536)
+    add_kv_dtype_flag(ppl)
     ppl.add_argument("--methods", default="dense,window,recompute,streaming", help="comma-separated methods")
     ppl.add_argument("--stride", type=int, default=64, help="recompute scores every N-th token only")
     ppl.add_argument("--slice", type=int, default=1024, help="tokens per point of the running-perplexity curve")
@@ -227,7 +228,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     nll = nll_by_method(
         model, ids, methods, args.start_size, args.recent_size, args.stride, args.chunk_size, not args.no_progress,
-        args.recompute_batch,
+        args.recompute_batch, kv_dtype=args.kv_dtype,
     )  # fmt: skip
     scored = ~nll["recompute"].isnan() if "recompute" in nll else None
     summary = {}

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     gen.add_argument(
         "--stats-every", type=int, default=0, help="print cache statistics every N tokens (0 = at the end)"
     )
-    add_model_flags(gen)
+    add_model_flags(gen, kv_dtype=True)
     add_sampling_flags(gen)
     gen.set_defaults(run=run)
 
@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     pieces = stream_generate(
         model, tokenizer, prompt, start_size=args.start_size, recent_size=args.recent_size,
         max_new_tokens=args.max_tokens or None, sampling=sampling_config(args, suppress), stop=args.stop,
+        kv_dtype=getattr(args, "kv_dtype", None),
     )  # fmt: skip
     sizes, piece, stop, timings = set(), None, StopRequest(), Timings()
     with stop.catching():

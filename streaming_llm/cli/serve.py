@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     from ..serving.config import add_server_flags
 
     add_server_flags(serve)
-    add_model_flags(serve)
+    add_model_flags(serve, kv_dtype=True)
     add_sampling_flags(serve, stop=False, title="default sampling (of requests that leave a field out; as chat)")
     serve.set_defaults(run=run)
 

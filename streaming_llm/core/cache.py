@@ -56,6 +56,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionCach
 
 from .architectures import ModelSpec, describe
 from .positions import Rope, Window
+from .quant import QuantTensor, check_kv_dtype, float_dtype, is_quantized
 
 ATTN_IMPLEMENTATION = "streaming_llm"
 HYBRID_SEGMENTS = (
@@ -203,6 +204,7 @@ class LayerGroup:
         self.values: torch.Tensor | None = None
         self.pinned: torch.Tensor | None = None
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for signed rotations
+        self.compute: torch.dtype | None = None  # the dtype attention reads (keys/values may be stored otherwise)
 
     # -- layout -------------------------------------------------------------------------------------------
     @property
@@ -243,11 +245,22 @@ class LayerGroup:
     def initialized(self) -> bool:
         return self.keys is not None
 
-    def allocate(self, rows: int, heads: int, dim: int, dim_v: int, dtype: torch.dtype, device) -> None:
+    def allocate(
+        self, rows: int, heads: int, dim: int, dim_v: int, dtype: torch.dtype, device, kv_dtype: str | None = None
+    ) -> None:
+        """Storage for ``rows`` rows in compute dtype ``dtype``; ``kv_dtype`` ``"int8"``/``"float8_e4m3"`` keeps
+        ``keys``/``values`` quantized (:class:`~streaming_llm.core.quant.QuantTensor`), the canonical pinned keys
+        stay in ``dtype``."""
         n = len(self.layer_ids)
-        kw = {"dtype": dtype, "device": device}
-        self.keys = torch.zeros(n, rows, heads, self.slots + 1, dim, **kw)
-        self.values = torch.zeros(n, rows, heads, self.slots + 1, dim_v, **kw)
+        self.compute = dtype
+        kw = {"dtype": dtype if kv_dtype is None or is_quantized(kv_dtype) else float_dtype(kv_dtype), "device": device}
+        if is_quantized(kv_dtype):
+            qkw = {"kv_dtype": kv_dtype, "dtype": dtype, "device": device}
+            self.keys = QuantTensor.zeros(n, rows, heads, self.slots + 1, dim, **qkw)
+            self.values = QuantTensor.zeros(n, rows, heads, self.slots + 1, dim_v, **qkw)
+        else:
+            self.keys = torch.zeros(n, rows, heads, self.slots + 1, dim, **kw)
+            self.values = torch.zeros(n, rows, heads, self.slots + 1, dim_v, **kw)
         self.pinned = torch.zeros(n, rows, heads, self.ring_base, dim, **kw)
         work = torch.promote_types(dtype, torch.float32)
         cos, sin = self.rope.cos_sin(torch.arange(-self.span, self.span + 1), torch.device(device))
@@ -301,7 +314,9 @@ class LayerGroup:
         old = self.rows[rows.start].shift
         if old is not None and old != shift:
             ring = self.keys[:, rows.start : rows.stop, :, self.ring_base : self.slots]
-            ring.copy_(self.rope.rotate(ring, old - shift))
+            # quantized: dequantize -> re-rotate (float32) -> re-quantize, once per rebase
+            source = ring.dequantize(torch.float32) if isinstance(ring, QuantTensor) else ring
+            ring.copy_(self.rope.rotate(source, old - shift))
         for r in rows:
             self.rows[r].shift = shift
 
@@ -332,7 +347,8 @@ class LayerGroup:
             start = self.ring_slot(plan.t0 + n, self.rows[plan.rows.start].window.start_size)
             keys[:, :, start : start + plan.length - n] = k[:, :, n:]
             values[:, :, start : start + plan.length - n] = v[:, :, n:]
-        return keys[:, :, plan.first_slot : plan.last_slot], values[:, :, plan.first_slot : plan.last_slot]
+        seen = slice(plan.first_slot, plan.last_slot)
+        return self.read(keys[:, :, seen]), self.read(values[:, :, seen])
 
     def _banded(
         self, plan: ChunkPlan, keys, values, pinned, k: torch.Tensor, v: torch.Tensor
@@ -345,11 +361,11 @@ class LayerGroup:
         seg = slice(base - plan.segment_len, base)
         sinks = slice(base, base + n_old + n)
         pieces_k = [pinned[:, :, sinks], pinned[:, :, seg]]
-        pieces_v = [values[:, :, base : base + n_old], v[:, :, :n], values[:, :, seg]]
+        pieces_v = [self.read(values[:, :, base : base + n_old]), v[:, :, :n], self.read(values[:, :, seg])]
         if plan.t0 > plan.rest_start:
             slots = self.ring_slot(torch.arange(plan.rest_start, plan.t0, device=keys.device), start)
-            pieces_k.append(keys.index_select(2, slots))
-            pieces_v.append(values.index_select(2, slots))
+            pieces_k.append(self.read(keys.index_select(2, slots)))
+            pieces_v.append(self.read(values.index_select(2, slots)))
         pieces_k.append(k[:, :, n:])
         pieces_v.append(v[:, :, n:])
         work_k, work_v = torch.cat(pieces_k, dim=2), torch.cat(pieces_v, dim=2)
@@ -359,9 +375,21 @@ class LayerGroup:
         keep = min(plan.length - n, self.ring_size)
         end = plan.t0 + plan.length
         slots = self.ring_slot(torch.arange(end - keep, end, device=keys.device), start)
-        keys.index_copy_(2, slots, k[:, :, plan.length - keep :])
-        values.index_copy_(2, slots, v[:, :, plan.length - keep :])
+        keys.index_copy_(2, slots, self.stored(k[:, :, plan.length - keep :]))
+        values.index_copy_(2, slots, self.stored(v[:, :, plan.length - keep :]))
         return work_k, work_v
+
+    def read(self, x: torch.Tensor | QuantTensor) -> torch.Tensor:
+        """What attention reads of stored keys/values: dequantized, or cast to the compute dtype."""
+        if isinstance(x, QuantTensor):
+            return x.dequantize()
+        return x if x.dtype == self.compute else x.to(self.compute)
+
+    def stored(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype the storage takes it (a quantized buffer quantizes it itself)."""
+        if isinstance(self.keys, QuantTensor) or x.dtype == self.keys.dtype:
+            return x
+        return x.to(self.keys.dtype)
 
     # -- a decode step (device work reads device tensors only) ------------------------------------------
     def decodable(self, b: int, m: int) -> bool:
@@ -405,21 +433,25 @@ class LayerGroup:
         """Write layer ``i``'s new key/value ``(n, kv_heads, 1, dim)`` of each row at its slot; return the rows'
         buffers (the uniform slice, or every slot when rows differ)."""
         keys, values = self.keys[i, : plan.n], self.values[i, : plan.n]
+        k, v = self.stored(k), self.stored(v)
         index = slot[:, None, None, None].expand(-1, keys.shape[1], 1, keys.shape[3])
         keys.scatter_(2, index, k)
         values.scatter_(2, slot[:, None, None, None].expand(-1, values.shape[1], 1, values.shape[3]), v)
         lo, hi = plan.uniform or (0, self.slots)
-        return keys[:, :, lo:hi], values[:, :, lo:hi]
+        return self.read(keys[:, :, lo:hi]), self.read(values[:, :, lo:hi])
 
     # -- saving and restoring one row -----------------------------------------------------------------
     def row_tensors(self, b: int) -> dict[str, torch.Tensor]:
         """Copies of row ``b``'s filled slots: ``[segment | pinned | ring written so far]``."""
         first, filled = self.first(b), self.filled(b)
-        return {
-            "keys": self.keys[:, b : b + 1, :, first:filled].clone(),
-            "values": self.values[:, b : b + 1, :, first:filled].clone(),
-            "pinned": self.pinned[:, b : b + 1, :, first : self.ring_base].clone(),
-        }
+        out = {"pinned": self.pinned[:, b : b + 1, :, first : self.ring_base].clone()}
+        for name, t in (("keys", self.keys), ("values", self.values)):
+            part = t[:, b : b + 1, :, first:filled]
+            if isinstance(part, QuantTensor):  # the quantized ring as stored: raw data + scales
+                out[name], out[f"{name}_scale"] = part.data.clone(), part.scale.clone()
+            else:
+                out[name] = part.clone()
+        return out
 
     def restore_row(self, b: int, tensors: dict[str, torch.Tensor], saved: dict, window: Window) -> None:
         """Copy a saved row into row ``b`` (after :meth:`clear_row`).
@@ -436,8 +468,13 @@ class LayerGroup:
         expected = (len(self.layer_ids), 1, self.keys.shape[2], filled - first, self.keys.shape[4])
         if tuple(keys.shape) != expected or tuple(pinned.shape[-2:]) != (self.ring_base - first, expected[-1]):
             raise ValueError(f"Saved tensors of shape {tuple(keys.shape)} do not fit this model and these sizes.")
-        self.keys[:, b : b + 1, :, first:filled] = keys
-        self.values[:, b : b + 1, :, first:filled] = values
+        for name, buffer, saved_data in (("keys", self.keys, keys), ("values", self.values, values)):
+            if isinstance(buffer, QuantTensor):
+                part = buffer[:, b : b + 1, :, first:filled]
+                part.data.copy_(saved_data.view(part.data.dtype))
+                part.scale.copy_(tensors[f"{name}_scale"])
+            else:
+                buffer[:, b : b + 1, :, first:filled] = saved_data
         self.pinned[:, b : b + 1, :, first : self.ring_base] = pinned
 
     def set_segment(self, b: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -671,6 +708,11 @@ class StreamingCache(Cache):
         pinned_capacity: Largest pinned prefix of a row (default ``start_size``); a row assigned with a
             longer ``start_size`` (a whole system prompt) needs it.
         dtype, device: Allocate the storage now (default: on the first update, from the keys).
+        kv_dtype: How keys/values are stored: None (default: as the model hands them over, in its dtype),
+            ``"bfloat16"``/``"float16"``/``"float32"`` (stored in that dtype, read back in the compute dtype),
+            ``"int8"`` or ``"float8_e4m3"`` (quantized with one float32 scale per token and kv head, see
+            :mod:`streaming_llm.core.quant`; dequantized only where attention reads them). The canonical pinned
+            keys stay in the compute dtype.
 
     Raises:
         NotImplementedError: Unsupported architecture (the message lists the supported ones).
@@ -684,9 +726,10 @@ class StreamingCache(Cache):
     def __init__(
         self, config: PretrainedConfig, start_size: int = 4, recent_size: int = 2000, segment_capacity: int = 0,
         positions: PositionMode | None = None, *, rows: int | None = None, pinned_capacity: int | None = None,
-        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None, kv_dtype: str | None = None,
     ):  # fmt: skip
         check_sizes(start_size, recent_size)
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         pinned_capacity = start_size if pinned_capacity is None else pinned_capacity
         check_int("segment_capacity", segment_capacity, 0)
         check_int("pinned_capacity", pinned_capacity, start_size)
@@ -767,7 +810,7 @@ class StreamingCache(Cache):
         rank holds only its share), default the model's."""
         heads, dim = heads or self.spec.num_kv_heads, self.spec.head_dim
         for g in self.groups:
-            g.allocate(rows, heads, dim, self.spec.value_size, dtype, device)
+            g.allocate(rows, heads, dim, self.spec.value_size, dtype, device, self.kv_dtype)
         fields = len(SHARED_FIELDS) + len(GROUP_FIELDS) * len(self.groups) + 1  # + the "active" row
         self._host = torch.zeros(fields, rows, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._dev = torch.zeros(fields, rows, dtype=torch.int64, device=device)
@@ -779,7 +822,7 @@ class StreamingCache(Cache):
             ValueError: The storage exists with another dtype or device.
         """
         if self.groups[0].initialized:
-            keys = self.groups[0].keys
+            keys = self.groups[0].pinned
             if keys.dtype != dtype or keys.device != torch.device(device):
                 raise ValueError(f"This cache lives in {keys.dtype} on {keys.device}, not {dtype} on {device}.")
             return
@@ -790,7 +833,7 @@ class StreamingCache(Cache):
     @property
     def storage(self) -> tuple[torch.dtype, torch.device] | None:
         """The dtype and device of the allocated storage (None: a lazily sized cache before its first forward)."""
-        keys = self.groups[0].keys
+        keys = self.groups[0].pinned  # in the compute dtype whatever the kv dtype
         return None if keys is None else (keys.dtype, keys.device)
 
     @property
@@ -926,7 +969,10 @@ class StreamingCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by all cache tensors (constant once allocated), recurrent states included."""
         return self.states.nbytes + sum(
-            t.numel() * t.element_size() for g in self.groups if g.initialized for t in (g.keys, g.values, g.pinned)
+            t.nbytes if isinstance(t, QuantTensor) else t.numel() * t.element_size()
+            for g in self.groups
+            if g.initialized
+            for t in (g.keys, g.values, g.pinned)
         )
 
     @property
@@ -1278,9 +1324,9 @@ class StreamingCache(Cache):
         g = self.groups[0]
         expected = (g.keys.shape[2], g.keys.shape[4])
         got = (k.shape[1], k.shape[3])
-        if got != expected or k.dtype != g.keys.dtype or v.shape[-1] != g.values.shape[-1] or k.shape[0] > self.rows:
+        if got != expected or k.dtype != g.compute or v.shape[-1] != g.values.shape[-1] or k.shape[0] > self.rows:
             raise ValueError(
-                f"This StreamingCache holds {self.rows} rows of (kv_heads, head_dim) = {expected} in {g.keys.dtype}, "
+                f"This StreamingCache holds {self.rows} rows of (kv_heads, head_dim) = {expected} in {g.compute}, "
                 f"but the model handed it a batch of {k.shape[0]} with {got} in {k.dtype}. A cache belongs to one "
                 "model; create a new cache for this input."
             )
@@ -1357,7 +1403,7 @@ class StreamingCache(Cache):
         start = self.main.rows[b].window.start_size
         counters: dict = {
             "start_size": start, "recent_size": self.recent_size, "segment_capacity": self.segment_capacity,
-            "positions": self.positions, "groups": [],
+            "positions": self.positions, "groups": [], "kv_dtype": self.kv_dtype,
         }  # fmt: skip
         for gi, g in enumerate(self.groups):
             tensors.update({f"groups.{gi}.{name}": t for name, t in g.row_tensors(b).items()})
@@ -1391,12 +1437,24 @@ class StreamingCache(Cache):
             raise ValueError(
                 f"This state keeps {counters['recent_size']} recent tokens; this cache {self.recent_size}."
             )
+        if counters.get("kv_dtype") != self.kv_dtype:
+            raise ValueError(
+                f"This state stores keys/values as kv_dtype={counters.get('kv_dtype')!r}, but this cache uses "
+                f"kv_dtype={self.kv_dtype!r}: load it into a cache of the same kv dtype."
+            )
         if len(counters["groups"]) != len(self.groups):
             raise ValueError(f"{len(counters['groups'])} layer groups saved, but this model has {len(self.groups)}.")
         self._clear(b, int(counters["start_size"]))
         for gi, (g, saved) in enumerate(zip(self.groups, counters["groups"], strict=True)):
-            names = ("keys", "values", "pinned")
-            found = {name: tensors[f"groups.{gi}.{name}"].to(g.keys.device, g.keys.dtype) for name in names}
+            scales = ("keys_scale", "values_scale") if is_quantized(self.kv_dtype) else ()
+            names = ("keys", "values", "pinned", *scales)
+            found = {name: tensors[f"groups.{gi}.{name}"].to(g.pinned.device) for name in names}
+            found["pinned"] = found["pinned"].to(g.pinned.dtype)
+            for name, buffer in (("keys", g.keys), ("values", g.values)):
+                if isinstance(buffer, QuantTensor):  # raw data of the same kv dtype, as saved
+                    found[name] = found[name].view(buffer.data.dtype)
+                else:
+                    found[name] = found[name].to(buffer.dtype)
             g.restore_row(b, found, saved, g.rows[b].window)
         if self.states.layer_ids:
             self.states.restore_row(b, tensors, self.rows, self.groups[0].keys.device)
@@ -1411,11 +1469,12 @@ class StreamingCache(Cache):
         Raises:
             ValueError: Counters or tensors that do not fit this model or these sizes.
         """
-        sample = tensors["groups.0.keys"]
+        sample = tensors["groups.0.pinned"]  # in the compute dtype whatever the kv dtype
         rows = sample.shape[1]  # one row, or an aligned batch (see state())
         cache = cls(
             config, int(counters["start_size"]), int(counters["recent_size"]), int(counters["segment_capacity"]),
             positions=counters.get("positions"), rows=rows, dtype=sample.dtype, device=sample.device,
+            kv_dtype=counters.get("kv_dtype"),
         )  # fmt: skip
         for b in range(rows):  # group tensors are (layers, rows, ...), recurrent states (rows, ...)
             row = {k: v[b : b + 1] if k.startswith("states.") else v[:, b : b + 1] for k, v in tensors.items()}
@@ -1484,8 +1543,8 @@ class StreamingCache(Cache):
         first = max(start, total - recent, total - held)
         if first < total:
             slots = g.ring_slot(torch.arange(first, total, device=keys.device), start)
-            g.keys[j].index_copy_(2, slots, keys[:, :, first - total + held :])
-            g.values[j].index_copy_(2, slots, values[:, :, first - total + held :])
+            g.keys[j].index_copy_(2, slots, g.stored(keys[:, :, first - total + held :]))
+            g.values[j].index_copy_(2, slots, g.stored(values[:, :, first - total + held :]))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ def streaming_nll(
     recent_size: int,
     chunk_size: int = 512,
     progress: bool = False,
+    kv_dtype: str | None = None,
 ) -> torch.Tensor:
     """NLL of every token after the first, streaming with ``start_size`` sinks + ``recent_size`` window.
 
@@ -54,12 +55,13 @@ def streaming_nll(
         recent_size: Recent tokens kept.
         chunk_size: Tokens per forward; any value gives the same result.
         progress: Show a progress bar.
+        kv_dtype: How the cache stores keys/values (see :class:`StreamingCache`; None: the model's dtype).
 
     Returns:
         Float32 tensor ``(n - 1,)``: ``nll[i] = -log p(ids[i + 1] | what the cache keeps)``.
     """
     install(model)
-    cache = StreamingCache(model.config, start_size, recent_size)
+    cache = StreamingCache(model.config, start_size, recent_size, kv_dtype=kv_dtype)
     return _chunked_nll(model, ids, cache, chunk_size, progress, f"streaming {start_size}+{recent_size}")
 
 
@@ -131,18 +133,20 @@ def nll_by_method(
     chunk_size: int = 512,
     progress: bool = False,
     recompute_batch: int = 8,
+    kv_dtype: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token NLL for each method, on the same tokens (``window`` and ``recompute`` use the
-    same total cache, ``start_size + recent_size``)."""
+    same total cache, ``start_size + recent_size``); ``kv_dtype``: KV storage of the streaming caches
+    (``window`` and ``streaming``)."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}.")
     total = start_size + recent_size
     runs = {
         "dense": lambda: dense_nll(model, ids, chunk_size, progress),
-        "window": lambda: streaming_nll(model, ids, 0, total, chunk_size, progress),
+        "window": lambda: streaming_nll(model, ids, 0, total, chunk_size, progress, kv_dtype),
         "recompute": lambda: recompute_nll(model, ids, total, stride, recompute_batch, progress),
-        "streaming": lambda: streaming_nll(model, ids, start_size, recent_size, chunk_size, progress),
+        "streaming": lambda: streaming_nll(model, ids, start_size, recent_size, chunk_size, progress, kv_dtype),
     }
     return {method: runs[method]() for method in methods}
 

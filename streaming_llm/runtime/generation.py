@@ -150,6 +150,7 @@ def stream_generate(
     sampling: SamplingConfig | None = None,
     stop: list[str] | tuple[str, ...] = (),
     prefill_chunk: int | None = None,
+    kv_dtype: str | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate text as it is produced, far past the model's context, in constant memory.
 
@@ -168,6 +169,7 @@ def stream_generate(
         sampling: Greedy by default. The repetition controls see the prompt too.
         stop: Strings that end generation (not included in the output).
         prefill_chunk: Prompt tokens per forward (None: chosen from free memory).
+        kv_dtype: KV storage of a new cache (see :class:`StreamingCache`; None: the model's dtype).
 
     Yields:
         :class:`GenerationChunk` pieces; the last one has ``finish_reason`` set.
@@ -182,7 +184,8 @@ def stream_generate(
     if any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"Stop strings must be non-empty strings, got {stop!r}.")
     if cache is None:
-        cache = StreamingCache(model.config, start_size, recent_size, rows=1, dtype=model.dtype, device=model.device)
+        cache = StreamingCache(model.config, start_size, recent_size, rows=1, dtype=model.dtype, device=model.device,
+                               kv_dtype=kv_dtype)  # fmt: skip
     elif cache.rows != 1:
         raise ValueError(f"stream_generate continues a one-row cache; this one has {cache.rows} rows (use an Engine).")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)

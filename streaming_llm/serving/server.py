@@ -111,7 +111,7 @@ class Server:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str, start_size: int,
                  recent_size: int, max_sessions: int, state_dir: str | os.PathLike | None, limits: Limits,
                  rows: int = 8, pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
-                 aliases: tuple[str, ...] = (), memory: str | None = None):  # fmt: skip
+                 aliases: tuple[str, ...] = (), memory: str | None = None, kv_dtype: str | None = None):  # fmt: skip
         if memory not in (None, "retrieval"):
             raise ValueError(f"memory must be None or 'retrieval', got {memory!r}")
         install(model)
@@ -124,7 +124,7 @@ class Server:
         segment = RetrievalMemory().budget if memory == "retrieval" else 0
         cache = StreamingCache(
             model.config, start_size, recent_size, segment, rows=rows, pinned_capacity=self.pinned_capacity,
-            dtype=model.dtype, device=model.device,
+            dtype=model.dtype, device=model.device, kv_dtype=kv_dtype,
         )  # fmt: skip
         self.engine = runtime.Engine(model, cache)
         self.store = SessionStore(model, tokenizer, self.engine, max(max_sessions, rows), state_dir)
@@ -318,7 +318,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
                "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0, rows: int = 8,
                pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
-               aliases: tuple[str, ...] = (), web: bool = True, memory: str | None = None) -> FastAPI:  # fmt: skip
+               aliases: tuple[str, ...] = (), web: bool = True, memory: str | None = None,
+               kv_dtype: str | None = None) -> FastAPI:  # fmt: skip
     """The FastAPI application.
 
     Args:
@@ -341,6 +342,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
             overrides it); default: the CLI's chat defaults (``cli.common.SAMPLING_DEFAULTS``), no seed.
         web: Serve the chat page at ``GET /`` (:mod:`~streaming_llm.serving.page`).
         memory: ``"retrieval"``: every session gets its own retrieval memory (see :class:`Server`).
+        kv_dtype: How the engine's cache stores keys/values (see :class:`StreamingCache`; None: the model's dtype).
+            Saved sessions of another KV dtype are refused when they are resumed.
 
     Raises:
         ValueError: an empty ``api_key``, or bad sizes.
@@ -350,7 +353,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
     limits = limits or Limits()
     server = Server(model, tokenizer, name=name, start_size=start_size, recent_size=recent_size,
                     max_sessions=max_sessions, state_dir=state_dir, limits=limits, rows=rows,
-                    pinned_capacity=pinned_capacity, sampling=sampling, aliases=aliases, memory=memory)  # fmt: skip
+                    pinned_capacity=pinned_capacity, sampling=sampling, aliases=aliases, memory=memory,
+                    kv_dtype=kv_dtype)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -744,7 +748,7 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
             allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
             allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
             pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
-            web=not args.no_web, memory=args.memory,
+            web=not args.no_web, memory=args.memory, kv_dtype=args.kv_dtype,
         )  # fmt: skip
     except StateDirError as problem:
         raise SystemExit(f"error: {problem}") from None

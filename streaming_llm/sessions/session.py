@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..core.architectures import describe
 from ..core.attention import install
 from ..core.cache import CacheState, StreamingCache, check_int
+from ..core.quant import check_kv_dtype
 from ..runtime.engine import CacheView, Engine, Request, StreamBrokenError, check_max_new_tokens
 from ..runtime.generation import GenerationChunk, TextStream, eos_ids, run_text_request
 from ..runtime.sampling import Sampler, SamplingConfig
@@ -94,6 +95,8 @@ class StreamingSession:
             A shared engine that a worker thread drives is used through :meth:`turn_request` only. Its rows pin
             at most ``pinned_capacity`` tokens: a longer system prompt pins its first ones (the rest scrolls).
         name: The session's name on the engine (messages, the server's session id).
+        kv_dtype: KV storage of a private engine's cache (see :class:`StreamingCache`): None (the model's dtype),
+            ``"int8"``, ``"float8_e4m3"``, ... A shared ``engine`` keeps its cache's.
 
     Raises:
         ValueError: Bad sizes, or settings that do not fit ``engine``'s cache.
@@ -128,6 +131,7 @@ class StreamingSession:
         prefill_chunk: int | None = None,
         engine: Engine | None = None,
         name: str = "session",
+        kv_dtype: str | None = None,
         _state: CacheState | None = None,
     ):
         if prefill_chunk is not None:
@@ -137,6 +141,7 @@ class StreamingSession:
         self.system_prompt = system_prompt
         self.memory = memory
         self.prefill_chunk = prefill_chunk
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.template = IncrementalChatTemplate(tokenizer)
         self.turns = 0
         self.stop_ids = frozenset(eos_ids(model, tokenizer))
@@ -190,7 +195,7 @@ class StreamingSession:
                 raise ValueError("The cache's pinned-segment slot is smaller than the session's memory needs.")
         else:
             cache = StreamingCache(model.config, pinned, recent_size, capacity, rows=1, dtype=model.dtype,
-                                   device=model.device)  # fmt: skip
+                                   device=model.device, kv_dtype=self.kv_dtype)  # fmt: skip
         return Engine(model, cache, chunk_size=self.prefill_chunk), True
 
     def _open_with(self, opening: list[int]) -> None:
@@ -600,14 +605,26 @@ class StreamingSession:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             memory: HybridMemory | RetrievalMemory | None = None) -> StreamingSession:  # fmt: skip
+             memory: HybridMemory | RetrievalMemory | None = None, *,
+             kv_dtype: str | None = "saved") -> StreamingSession:  # fmt: skip
         """Restore a session saved with :meth:`save`.
+
+        ``kv_dtype``: the KV storage the caller expects (None: the model's dtype, ``"int8"``, ...); a file saved
+        with another one is refused. ``"saved"`` (default): whatever the file holds (its quantized ring is loaded
+        as stored).
 
         Raises:
             FileNotFoundError: no file at ``path``.
-            SessionFileError: whatever else is wrong with the file (corrupt, edited, foreign, other model).
+            SessionFileError: whatever else is wrong with the file (corrupt, edited, foreign, other model, another
+                KV dtype than ``kv_dtype``).
         """
         state, tensors = read_session_file(path, model)
+        saved = state.get("cache", {}).get("kv_dtype") if isinstance(state.get("cache"), dict) else None
+        if kv_dtype != "saved" and saved != check_kv_dtype(kv_dtype):
+            raise SessionFileError(
+                f"{path} stores its KV cache as kv_dtype={saved!r}, not {kv_dtype!r}: load it with the KV dtype it "
+                "was saved with (a quantized ring cannot be converted without loss)."
+            )
         try:
             return cls.from_state(model, tokenizer, tensors, state, memory)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
