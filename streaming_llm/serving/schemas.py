@@ -23,17 +23,7 @@ class RequestError(Exception):
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JSONResponse:  # fmt: skip
-    """An OpenAI-shaped error; a 429 or 503 carries ``Retry-After`` (seconds) as well."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-    message = message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate quoted back: still UTF-8
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
-                        headers=headers)  # fmt: skip
-
-
-RETRY_AFTER_S = 1  # what a 429 (queue full) or 503 (shutting down, storage) tells the client to wait
-# Below these a sampling value cannot work in float32 (1/temperature overflows, top_p rounds to 0): refused up front.
-MIN_TEMPERATURE = 1e-4
-MIN_TOP_P = 1e-6
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
 # -- request schemas ----------------------------------------------------------------------------------------
@@ -107,28 +97,6 @@ class Sampling(_Strict):
             _text(item)
         return value
 
-    @field_validator("user")
-    @classmethod
-    def _user(cls, value):
-        # `user` names the session and comes back in the X-Session-Id header: printable Latin-1 only.
-        if value is not None and not (value.isprintable() and value == value.encode("latin-1", "ignore").decode()):
-            raise ValueError("must be printable Latin-1 text (no control characters such as CR/LF)")
-        return value
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value):
-        if value is not None and 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return value
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, value):
-        if value is not None and value < MIN_TOP_P:
-            raise ValueError(f"must be at least {MIN_TOP_P}")
-        return value
-
     def config(self, defaults: SamplingConfig | None = None) -> SamplingConfig:
         """The effective sampling: ``defaults`` (the server's; else greedy :class:`SamplingConfig()`), overridden
         by every sampling field the request gives."""
@@ -183,8 +151,6 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
         raise RequestError(400, "The JSON body is nested too deeply.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as problem:
         raise RequestError(400, f"The body is not valid JSON: {problem}.") from None
-    except ValueError:  # e.g. an integer of more than 4,300 digits (Python's int-string limit)
-        raise RequestError(400, "The body has a number too long to read (over 4,300 digits).") from None
     if not isinstance(data, dict):
         raise RequestError(400, "The body must be a JSON object.")
     unsupported = [name for name, off in UNSUPPORTED.items() if name in data and data[name] not in off]

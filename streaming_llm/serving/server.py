@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 import uuid
@@ -70,7 +69,7 @@ from .config import Limits, exposure_warning
 from .guard import Guard
 from .page import add_web_routes
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
-from .store import Live, SessionStore, StateDirError, chain
+from .store import Live, SessionStore, chain
 
 log = logging.getLogger(__name__)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: "stop"}
@@ -167,15 +166,11 @@ class Server:
 
     # -- sessions --------------------------------------------------------------------------------------
     def anonymous_id(self, messages: list[Message]) -> str:
-        """The session a request without an id continues (by the digest of its history), or a new id.
-
-        The match is claimed (:meth:`SessionStore.claim_by_digest`): of two clients sending the same history at
-        once, one continues the session and the other gets a new one (fed the whole history), never the same one.
-        """
+        """The session a request without an id continues (by the digest of its history), or a new id."""
         digest = ""
         for message in messages[:-1]:
             digest = chain(digest, message.kind, message.text)
-        found = self.store.claim_by_digest(digest) if len(messages) > 1 else None
+        found = self.store.find_by_digest(digest) if len(messages) > 1 else None
         return found or f"session-{uuid.uuid4().hex}"
 
     def resolve(self, session_id: str, messages: list[Message]) -> Live:
@@ -183,16 +178,12 @@ class Server:
         try:
             live = self.store.get(session_id)
         except SessionFileError as problem:
-            self.store.release_claim(session_id)
             raise RequestError(
                 409,
-                f"The stored session {session_id!r} cannot be used: {_no_paths(str(problem), 'its file')} Delete it "
+                f"The stored session {session_id!r} cannot be used: {problem} Delete it "
                 "(DELETE /v1/sessions/{id}) to start over.",
                 code="session_unreadable",
             ) from None
-        except BaseException:
-            self.store.release_claim(session_id)
-            raise
         if live is None:
             system = messages[0] if messages[0].kind == "system" else None
             memory = RetrievalMemory() if self.memory == "retrieval" else None
@@ -206,7 +197,6 @@ class Server:
             self.resumed += 1
         live.inflight += 1
         self.store.put(live)
-        self.store.release_claim(session_id)  # in flight now: no other anonymous request can match it
         return live
 
     def new_messages(self, live: Live, messages: list[Message]) -> list[Message]:
@@ -393,7 +383,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_generation_routes(app: FastAPI, server: Server) -> None:
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
     def health():
         return server.health()
 
@@ -633,7 +623,7 @@ def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, RequestError):
         return error_response(item.status, item.message, item.kind, item.param, item.code)
     if isinstance(item, SessionFileError):
-        return error_response(400, _no_paths(str(item)), code="invalid_session_file")
+        return error_response(400, str(item), code="invalid_session_file")
     if isinstance(item, QueueFull):
         return error_response(429, str(item), "rate_limit_error", code="queue_full")
     if isinstance(item, SessionBrokenError):
@@ -641,13 +631,7 @@ def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, ValueError):
         return error_response(400, str(item))
     log.error("request failed", exc_info=item)
-    return error_response(500, f"Generation failed ({type(item).__name__}: {_no_paths(str(item))}).", "server_error")
-
-
-def _no_paths(message: str, instead: str = "<path>") -> str:
-    """``message`` with file system paths (absolute, two parts or more) replaced by ``instead``: errors name the
-    problem, never a server path."""
-    return re.sub(r"(?<![\w.])/(?:[^/\s'\"]+/)+[^/\s'\"]*", instead, message)
+    return error_response(500, f"Generation failed ({type(item).__name__}: {item}).", "server_error")
 
 
 def _ending_error(request: runtime.Request) -> BaseException | None:
@@ -741,17 +725,14 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
     limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     request_timeout=args.request_timeout)  # fmt: skip
-    try:
-        app = create_app(
-            model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
-            max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
-            allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
-            allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
-            pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
-            web=not args.no_web, memory=args.memory, kv_dtype=args.kv_dtype,
-        )  # fmt: skip
-    except StateDirError as problem:
-        raise SystemExit(f"error: {problem}") from None
+    app = create_app(
+        model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
+        max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+        allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
+        pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
+        web=not args.no_web, memory=args.memory, kv_dtype=args.kv_dtype,
+    )  # fmt: skip
     configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                             log_level="warning")  # fmt: skip

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sqlite3
 import tempfile
 import threading
@@ -32,20 +31,10 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..runtime.engine import Engine
-from ..sessions.persistence import (
-    SessionFileError,
-    read_session_file,
-    remove_library_temporaries,
-    remove_stale_temporaries,
-    write_session_file,
-)
+from ..sessions.persistence import SessionFileError, read_session_file, remove_stale_temporaries, write_session_file
 from ..sessions.session import StreamingSession
 
 log = logging.getLogger(__name__)
-
-
-class StateDirError(RuntimeError):
-    """The state folder cannot be used (not writable, not a folder); the message is one line for the operator."""
 
 
 @dataclass(eq=False)
@@ -85,74 +74,20 @@ class SessionStore:
         self.live: OrderedDict[str, Live] = OrderedDict()
         self.by_digest: dict[str, str] = {}  # digest of a live session -> its id (fallback matching)
         self.lock = threading.RLock()
-        self.claimed: set[str] = set()  # ids matched by digest whose request is not yet in flight
         self.state_dir = Path(state_dir) if state_dir else None
         self.db: sqlite3.Connection | None = None
         if self.state_dir:
-            try:
-                (self.state_dir / "sessions").mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise StateDirError(f"cannot use --state-dir {self.state_dir}: {error.strerror}") from None
-            if not all(os.access(d, os.W_OK | os.X_OK) for d in (self.state_dir, self.state_dir / "sessions")):
-                raise StateDirError(f"--state-dir {self.state_dir} is not writable; give the server a folder it owns")
-            stale_files = remove_stale_temporaries(self.state_dir / "sessions")
-            for stale in stale_files + remove_library_temporaries(self.state_dir / "sessions"):
+            (self.state_dir / "sessions").mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.state_dir / "sessions"):
                 log.warning("removed a stale temporary file: %s", stale)
-            try:
-                self.db = self._open_index()
-            except (sqlite3.DatabaseError, OSError) as error:
-                aside = self.state_dir / f"index.sqlite3.damaged-{int(time.time())}"
-                log.warning("the session index is damaged (%s): moved it to %s; rebuilding it from the session files",
-                            error, aside)  # fmt: skip
-                (self.state_dir / "index.sqlite3").replace(aside)
-                for extra in ("-wal", "-shm"):
-                    (self.state_dir / f"index.sqlite3{extra}").unlink(missing_ok=True)
-                self.db = self._open_index()
-            self._index_missing_files()
-
-    def _open_index(self) -> sqlite3.Connection:
-        assert self.state_dir is not None
-        db = sqlite3.connect(self.state_dir / "index.sqlite3", check_same_thread=False, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
+            self.db = sqlite3.connect(self.state_dir / "index.sqlite3", check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(
                 "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, file TEXT NOT NULL, digest TEXT NOT NULL, "
                 "messages INTEGER NOT NULL, turns INTEGER, seen_tokens INTEGER, evicted_tokens INTEGER, "
                 "cached_tokens INTEGER, cache_bytes INTEGER, updated REAL NOT NULL)"
             )
-            db.execute("CREATE INDEX IF NOT EXISTS sessions_digest ON sessions (digest)")
-            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("quick_check failed")
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def _index_missing_files(self) -> None:
-        """Index every readable session file the index lacks (the files are the truth: a missing, stale or
-        rebuilt index hides no session; an unreadable file is logged and kept). Reads only the files missing."""
-        assert self.state_dir is not None and self.db is not None
-        known = {row[0] for row in self.db.execute("SELECT file FROM sessions")}
-        found = 0
-        for path in sorted((self.state_dir / "sessions").glob("*.safetensors")):
-            if path.name in known:
-                continue
-            try:
-                state, _ = read_session_file(path, self.model)
-                server = state["server"]
-                session_id, digest, messages = str(server["id"]), str(server["digest"]), int(server["messages"])
-            except (SessionFileError, KeyError, TypeError, ValueError) as error:
-                log.warning("session file %s left out of the rebuilt index: %s", path.name, error)
-                continue
-            if self.path(session_id) != path:
-                log.warning("session file %s left out of the rebuilt index: it is named for another id", path.name)
-                continue
-            row = (session_id, path.name, digest, messages, path.stat().st_mtime)
-            columns = "id, file, digest, messages, updated"
-            self.db.execute(f"INSERT OR REPLACE INTO sessions ({columns}) VALUES (?, ?, ?, ?, ?)", row)
-            found += 1
-        if found:
-            log.warning("rebuilt the session index from %d session files", found)
+            self.db.execute("CREATE INDEX IF NOT EXISTS sessions_digest ON sessions (digest)")
 
     def path(self, session_id: str) -> Path:
         assert self.state_dir is not None
@@ -168,29 +103,6 @@ class SessionStore:
                 row = self.db.execute("SELECT id FROM sessions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
                 return row[0] if row else None
         return None
-
-    def claim_by_digest(self, digest: str) -> str | None:
-        """Like :meth:`find_by_digest`, but atomic: the session found is claimed for the caller (until
-        :meth:`release_claim`), and a session that is claimed or has a request in flight is never returned. Of
-        two anonymous clients that send the same history at once, one gets the session and the other None (a new
-        session), so their conversations never merge."""
-        with self.lock:
-            found = self.by_digest.get(digest)
-            if found is None and self.db is not None:
-                rows = self.db.execute("SELECT id FROM sessions WHERE digest = ?", (digest,)).fetchall()
-                found = next((r[0] for r in rows if r[0] not in self.claimed and r[0] not in self.live), None)
-            if found is None or found in self.claimed:
-                return None
-            live = self.live.get(found)
-            if live is not None and (live.inflight or live.digest != digest):
-                return None
-            self.claimed.add(found)
-            return found
-
-    def release_claim(self, session_id: str) -> None:
-        """End the claim of :meth:`claim_by_digest` (once the request is in flight, or refused)."""
-        with self.lock:
-            self.claimed.discard(session_id)
 
     def get(self, session_id: str) -> Live | None:
         """The session (from memory, or restored from disk onto the engine), or None when unknown.

@@ -33,9 +33,6 @@ FORMAT = "streaming-llm-session"
 VERSION = 2
 HEADER_KEY = "streaming_llm"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
-# safetensors (0.8, Rust's tempfile crate) writes ``.tmpXXXXXX`` beside the target and renames it; a kill -9
-# mid-save leaves it behind, with no pid in its name.
-_LIBRARY_TEMPORARY = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -171,21 +168,6 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
             continue
         candidate.unlink(missing_ok=True)
         removed.append(candidate)
-    return removed
-
-
-def remove_library_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the safetensors library's own temporary files (``.tmpXXXXXX``) in ``folder``; returns them.
-
-    They carry no process id, so call this only where no save can be running (e.g. a server's session
-    folder at start-up, before any save).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = [p for p in folder.iterdir() if _LIBRARY_TEMPORARY.match(p.name) and p.is_file()]
-    for path in removed:
-        path.unlink(missing_ok=True)
     return removed
 
 

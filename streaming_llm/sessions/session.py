@@ -30,7 +30,7 @@ from ..runtime.engine import CacheView, Engine, Request, StreamBrokenError, chec
 from ..runtime.generation import GenerationChunk, TextStream, eos_ids, run_text_request
 from ..runtime.sampling import Sampler, SamplingConfig
 from ..runtime.tokenize import stream_tokens
-from .chat_template import SENTINEL, IncrementalChatTemplate
+from .chat_template import IncrementalChatTemplate
 from .documents import Document, IngestProgress, ProgressBar
 from .memory import HybridMemory
 from .persistence import SessionFileError, read_session_file, write_session_file
@@ -150,7 +150,7 @@ class StreamingSession:
                 "Memory is not available for models with sliding-window layers (their local layers have no pinned "
                 "slot for a summary or passages); use plain streaming with this model."
             )
-        opening = self._message("system", system_prompt) if system_prompt else []
+        opening = self._tokens(self.template.add("system", system_prompt)) if system_prompt else []
         pinned = max(start_size, len(opening)) if pin_system_prompt else start_size
         if _state is not None:
             pinned = int(_state[1]["start_size"])
@@ -233,25 +233,6 @@ class StreamingSession:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     _tokens = tokenize
-
-    def _message(self, role: str, content: str, generation_prompt: bool = False) -> list[int]:
-        """The tokens of one message as the chat template renders it, where the special tokens are only the
-        template's own: a control token written in ``content`` (``<|im_end|>``, ``<|im_start|>system``) is
-        tokenized as plain text, so message text cannot forge turns (what the major servers do)."""
-        specials = [t for t in self.tokenizer.added_tokens_encoder if t and t in content]
-        if not specials:  # the common case: exactly the template's tokenization
-            return self._tokens(self.template.add(role, content, generation_prompt))
-        context = list(self.template.context)
-        render = self.template.render
-        start = len(render(context))
-        probe = render([*context, {"role": role, "content": SENTINEL}], generation_prompt)[start:]
-        before, found, after = probe.partition(SENTINEL)
-        if not found or before + content + after != render([*context, {"role": role, "content": content}],
-                                                           generation_prompt)[start:]:  # fmt: skip
-            raise ValueError("The chat template alters message content; it cannot keep control tokens in text.")
-        self.template.add(role, content, generation_prompt)  # (checks the rendering, remembers the message)
-        plain = self.tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return self._tokens(before) + plain + self._tokens(after)
 
     def _check_usable(self) -> None:
         if self.broken:
@@ -366,9 +347,9 @@ class StreamingSession:
                 self.memory.recall(self, turn[-1][1])  # pin the evicted passages that best match the message
             ids = []
             for role, content in turn[:-1]:
-                ids += self._message(role, content)
+                ids += self._tokens(self.template.add(role, content))
                 self.turns += role == "user"
-            return ids + self._message("user", turn[-1][1], generation_prompt=True)
+            return ids + self._tokens(self.template.add("user", turn[-1][1], generation_prompt=True))
 
         def finish(request: Request) -> list[int]:
             text.finish(request.finish_reason)
@@ -385,7 +366,7 @@ class StreamingSession:
         """Feed a whole message without generating (e.g. earlier turns of a conversation being resumed)."""
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"role must be 'system', 'user' or 'assistant', got {role!r}")
-        self.feed(self._message(role, content))
+        self.feed(self._tokens(self.template.add(role, content)))
         self.turns += role == "user"
 
     def use_sampling(self, sampling: SamplingConfig) -> None:
