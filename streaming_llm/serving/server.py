@@ -76,6 +76,10 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: "stop"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
+# A session's state before a turn (tensors, state with its "server" digest), or None for a broken session.
+Snapshot = tuple[dict, dict] | None
+
+
 class QueueFull(RuntimeError):
     """Too many requests are running or waiting; try again later."""
 
@@ -224,10 +228,12 @@ class Server:
     def chat_turn(self, body: ChatRequest, live: Live, loop: asyncio.AbstractEventLoop) -> Turn:
         """The engine request of one chat turn; the session's history is checked when it starts (in order)."""
         fed: list[Message] = []
+        before: list[Snapshot] = []
 
         def messages() -> list[tuple[str, str]]:  # engine thread, when the turn starts
             new = self.new_messages(live, body.messages)
             self.check_prompt([m.text for m in new])
+            before.append(self.snapshot(live))  # the session as it is, to restore if the turn fails
             fed.extend(new)
             return [(m.kind, m.text) for m in new]
 
@@ -242,26 +248,64 @@ class Server:
             deadline=time.monotonic() + self.limits.request_timeout,
             on_event=wake,
             every_token=body.stream,
-            on_done=lambda r: self._close_turn(live, r, fed, text),
+            on_done=lambda r: self._close_turn(live, r, fed, text, before),
         )  # fmt: skip  (a whole reply wakes its handler once, at the end)
         return Turn(request, text, events, live.id)
 
-    def _close_turn(self, live: Live, request: runtime.Request, fed: list[Message], text: TextStream) -> None:
-        """Engine thread, when a chat request is done: record the turn and persist it (or forget a broken one)."""
+    def snapshot(self, live: Live) -> Snapshot:
+        """Everything needed to put ``live`` back as it is now (engine thread): its state, digest and count."""
+        if live.session.broken:
+            return None
+        tensors, state = live.session.state()
+        state["server"] = {"id": live.id, "digest": live.digest, "messages": live.messages}
+        return tensors, state
+
+    def _close_turn(self, live: Live, request: runtime.Request, fed: list[Message], text: TextStream,
+                    before: list[Snapshot]) -> None:  # fmt: skip
+        """Engine thread, when a chat request is done: record the turn and persist it, atomically.
+
+        A turn that failed (an error, a broken cache) or could not be persisted leaves the session exactly as it
+        was before it (restored from the snapshot taken when it started) and the request ends with
+        ``turn_failed`` (500) or ``storage_failed`` (503)."""
         live.inflight -= 1
-        session = live.session
-        if session.broken:
-            self.store.discard(live.id)  # the file (last completed turn) stays the truth
+        if not before:  # refused before anything was fed (e.g. 409): nothing changed
             return
-        if not fed:  # refused before anything was fed (e.g. 409): nothing changed
+        if live.session.broken or request.error is not None:
+            self._restore(live, before[0])
+            if not isinstance(request.error, RequestError):
+                cause = request.error or SessionBrokenError(str(live.session.broken))
+                log.error("turn of session %r failed: %s: %s", live.id, type(cause).__name__, cause)
+                request.error = RequestError(500, f"The turn failed ({type(cause).__name__}); the session is as it "
+                                                  "was before it. Retry, or change the request.", param=None,
+                                             kind="server_error", code="turn_failed")  # fmt: skip
             return
+        old = live.digest, live.messages
         digest, count = live.digest, live.messages
         for message in fed:
             digest, count = chain(digest, message.kind, message.text), count + 1
         self.store.update_digest(live, chain(digest, "assistant", "".join(text.text)), count + 1)
-        live.record_memory()
-        self.store.put(live)
-        self.store.persist(live)
+        try:
+            live.record_memory()
+            self.store.put(live)
+            self.store.persist(live)
+        except Exception as problem:  # e.g. a full disk: nothing of the turn may stay
+            log.error("could not persist session %r: %s: %s", live.id, type(problem).__name__, problem)
+            self.store.update_digest(live, *old)
+            self._restore(live, before[0])
+            request.error = RequestError(503, "The turn could not be saved (the server's storage failed); the "
+                                              "session is as it was before it. Retry later.", kind="server_error",
+                                         code="storage_failed")  # fmt: skip
+
+    def _restore(self, live: Live, snapshot: Snapshot) -> None:
+        """Put the session back as it was in ``snapshot`` (engine thread); without one, forget it from memory."""
+        if snapshot is None:
+            self.store.discard(live.id)  # broken before the turn: the file (last completed turn) stays the truth
+            return
+        tensors, state = snapshot
+        restored = self.store.restore(live.id, state, tensors)
+        restored.inflight = live.inflight
+        self.store.discard(live.id)
+        self.store.put(restored)
 
     def completion_turn(self, body: CompletionRequest, loop: asyncio.AbstractEventLoop) -> Turn:
         """A stateless text completion: a temporary stream of the engine, closed when done."""
@@ -478,8 +522,7 @@ async def read_session_upload(server: Server, request: Request, session_id: str)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/octet-stream":
         raise RequestError(415, f"Send the session file as 'Content-Type: application/octet-stream' (got {kind!r}).")
-    if not 0 < len(session_id) <= limits.max_session_id:
-        raise RequestError(400, f"A session id must have 1 to {limits.max_session_id} characters.")
+    check_session_id(session_id, limits.max_session_id)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_session_bytes:
         raise RequestError(413, f"The session file is {declared} bytes; the limit is {limits.max_session_bytes}.")
@@ -526,10 +569,19 @@ def check_chat(server: Server, request: Request, body: ChatRequest) -> str:
                                 "(--max-messages); with X-Session-Id send only the new ones.",
                            param="messages")  # fmt: skip
     session_id = request.headers.get("x-session-id") or body.user
-    if session_id is not None and not 0 < len(session_id) <= limits.max_session_id:
-        raise RequestError(400, f"A session id must have 1 to {limits.max_session_id} characters.",
-                           param="X-Session-Id")  # fmt: skip
+    if session_id is not None:
+        check_session_id(session_id, limits.max_session_id, "user" if body.user == session_id else "X-Session-Id")
     return session_id if session_id is not None else server.anonymous_id(body.messages)
+
+
+def check_session_id(session_id: str, longest: int, param: str = "X-Session-Id") -> None:
+    """Refuse (400) a session id that is empty, longer than ``longest`` characters, or not printable ASCII (it
+    is sent back in the ``X-Session-Id`` header, which cannot carry other characters or line breaks)."""
+    if not 0 < len(session_id) <= longest:
+        raise RequestError(400, f"A session id must have 1 to {longest} characters.", param=param)
+    if not all(" " <= c <= "~" for c in session_id):
+        raise RequestError(400, "A session id (X-Session-Id or user) must be printable ASCII: no line breaks, "
+                                "control or non-ASCII characters.", param=param)  # fmt: skip
 
 
 async def start_turn(server: Server, request: Request, body: Sampling, kind: str) -> Turn:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sqlite3
 import tempfile
 import threading
@@ -120,6 +121,11 @@ class SessionStore:
         self.put(live)
         return live
 
+    def restore(self, session_id: str, state: dict, tensors: dict) -> Live:
+        """A new :class:`Live` (a fresh stream of the engine) from a snapshot ``(tensors, state)`` of a session,
+        ``state["server"]`` holding its digest and message count; not yet put in memory."""
+        return self._restore(session_id, state, tensors, server_required=True)
+
     def _restore(self, session_id: str, state: dict, tensors: dict, server_required: bool) -> Live:
         try:
             session = StreamingSession.from_state(self.model, self.tokenizer, tensors, state, engine=self.engine,
@@ -198,7 +204,29 @@ class SessionStore:
         """Write the session's state to its file and the index (no-op without ``state_dir``)."""
         if self.state_dir is None or self.db is None:
             return
-        path = self._write(live, self.path(live.id))
+        path = self.path(live.id)
+        # The file and the index change together or not at all: the previous file is kept (a hard link named
+        # like a temporary, so a crash leaves nothing that start-up does not remove) until the index is updated.
+        backup = path.with_name(f".{path.name}.{os.getpid()}.previous.tmp")
+        backup.unlink(missing_ok=True)
+        had = path.is_file()
+        if had:
+            os.link(path, backup)
+        try:
+            self._write(live, path)
+            self._index(live, path)
+        except BaseException:
+            if had:
+                os.replace(backup, path)
+            else:
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            backup.unlink(missing_ok=True)
+
+    def _index(self, live: Live, path: Path) -> None:
+        """Record ``live`` (written to ``path``) in the index."""
+        assert self.db is not None
         stats = live.session.stats(recorded=True)
         with self.lock:
             self.db.execute(
