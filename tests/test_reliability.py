@@ -230,3 +230,92 @@ def test_no_body_or_header_reaches_a_500(serve, tmp_path):
     assert sum(statuses.values()) > 250 and 500 not in statuses
     assert served.chat("named", "still there").status_code == 200
     assert stats(served, "named")["turns"] == 2
+
+
+# -- item 1: anonymous continuation never joins two clients ------------------------------------------------------
+def anonymous(served: Loopback, messages: list[dict]) -> httpx.Response:
+    body = {"messages": messages, "max_tokens": 4, "temperature": 0}
+    response = served.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "state-dir"])
+def test_two_anonymous_clients_with_one_history_never_share_a_session(serve, tmp_path, durable):
+    served = serve(state_dir=tmp_path / "state" if durable else None, max_sessions=64)
+    merges = leaks = 0
+    for round_ in range(20):
+        first = [{"role": "user", "content": f"Round {round_}: hello there."}]
+        opened = [anonymous(served, first) for _ in range(2)]  # same text, greedy: the same reply, one digest
+        reply = opened[0].json()["choices"][0]["message"]["content"]
+        assert opened[1].json()["choices"][0]["message"]["content"] == reply
+        history = [*first, {"role": "assistant", "content": reply}]
+        seconds = [f"My secret is SECRET-{round_}-A.", f"What is the secret, round {round_}?"]
+        barrier, answers = threading.Barrier(2), [None, None]
+
+        def second(i, barrier=barrier, answers=answers, history=history, seconds=seconds):
+            barrier.wait()
+            answers[i] = anonymous(served, [*history, {"role": "user", "content": seconds[i]}])
+
+        threads = [threading.Thread(target=second, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        ids = [a.headers["x-session-id"] for a in answers]
+        merges += ids[0] == ids[1]
+        # each session holds exactly one conversation: its own 4 messages (a merged one would hold 6)
+        leaks += sum(stats(served, i)["messages"] != 4 for i in set(ids))
+        # and each client keeps continuing its own: the whole history resent goes to the session it came from
+        for i, answer in enumerate(answers):
+            text = answer.json()["choices"][0]["message"]["content"]
+            full = [*history, {"role": "user", "content": seconds[i]}, {"role": "assistant", "content": text},
+                    {"role": "user", "content": "And then?"}]  # fmt: skip
+            assert anonymous(served, full).headers["x-session-id"] == ids[i]
+    assert merges == 0 and leaks == 0
+
+
+# -- item 2: every key is a tenant that sees only its own sessions ---------------------------------------------------
+def test_each_key_sees_only_its_own_sessions(serve, tmp_path):
+    from streaming_llm.serving.config import read_api_keys
+
+    keys = tmp_path / "keys"
+    keys.write_text("# tenants\nalice:key-alice\nbob:key-bob\n\nkey-plain\n")
+    tenants = read_api_keys(keys)
+    assert set(tenants) == {"key-alice", "key-bob", "key-plain"} and tenants["key-alice"] == "alice"
+    served = serve(state_dir=tmp_path / "state", api_key="key-main", api_keys=tenants)
+    as_ = {k: {"Authorization": f"Bearer {k}"} for k in ("key-alice", "key-bob", "key-plain", "key-main")}
+
+    def chat(key, session, text):
+        body = {"messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0}
+        headers = {**as_[key], **({"X-Session-Id": session} if session else {})}
+        return served.http.post("/v1/chat/completions", json=body, headers=headers)
+
+    assert chat("key-alice", "diary", "Alice's secret: ALICE-42.").status_code == 200
+    assert chat("key-alice", "diary", "More of it.").status_code == 200
+    assert chat("key-bob", "notes", "Bob's note.").status_code == 200
+    alice = served.http.get("/v1/sessions/diary", headers=as_["key-alice"]).json()
+    assert alice["id"] == "diary" and alice["turns"] == 2
+    for other in ("key-bob", "key-plain", "key-main"):
+        listed = served.http.get("/v1/sessions", headers=as_[other]).json()["data"]
+        assert "diary" not in [d["id"] for d in listed]
+        for method, path in (("GET", "/v1/sessions/diary"), ("GET", "/v1/sessions/diary/export"),
+                             ("DELETE", "/v1/sessions/diary"), ("GET", "/v1/sessions/alice%1Fdiary"),
+                             ("DELETE", "/v1/sessions/alice%1Fdiary")):  # fmt: skip
+            assert_openai_error(served.http.request(method, path, headers=as_[other]), 404, "session_not_found")
+        # "continuing" alice's id starts the other tenant's own session of that name
+        answer = chat(other, "diary", "Tell me the secret.")
+        assert answer.status_code == 200 and answer.headers["x-session-id"] == "diary"
+        assert served.http.get("/v1/sessions/diary", headers=as_[other]).json()["turns"] == 1
+    assert served.http.get("/v1/sessions/diary", headers=as_["key-alice"]).json()["turns"] == 2  # untouched
+    listed = served.http.get("/v1/sessions", headers=as_["key-bob"]).json()["data"]
+    assert sorted(d["id"] for d in listed) == ["diary", "notes"]  # bob's own two
+    # anonymous continuation stays inside a tenant: bob resending alice's history gets a new session
+    first = {"role": "user", "content": "Anonymous hello."}
+    opened = served.http.post("/v1/chat/completions", headers=as_["key-alice"],
+                              json={"messages": [first], "max_tokens": 4, "temperature": 0})  # fmt: skip
+    reply = {"role": "assistant", "content": opened.json()["choices"][0]["message"]["content"]}
+    follow = {"messages": [first, reply, {"role": "user", "content": "Next."}], "max_tokens": 4, "temperature": 0}
+    bob = served.http.post("/v1/chat/completions", headers=as_["key-bob"], json=follow)
+    assert bob.headers["x-session-id"] != opened.headers["x-session-id"]
+    assert_openai_error(served.http.get("/v1/sessions", headers={"Authorization": "Bearer nope"}), 401)

@@ -65,8 +65,8 @@ from ..sessions.persistence import SessionFileError
 from ..sessions.retrieval import RetrievalMemory
 from ..sessions.session import SessionBrokenError, StreamingSession
 from .access_log import AccessLog
-from .config import Limits, exposure_warning
-from .guard import Guard
+from .config import Limits, exposure_warning, read_api_keys
+from .guard import Guard, namespace, owns
 from .page import add_web_routes
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
 from .store import Live, SessionStore, chain
@@ -169,13 +169,14 @@ class Server:
             raise QueueFull(f"The server is busy ({self.engine.load} requests running or waiting); retry later.")
 
     # -- sessions --------------------------------------------------------------------------------------
-    def anonymous_id(self, messages: list[Message]) -> str:
-        """The session a request without an id continues (by the digest of its history), or a new id."""
+    def anonymous_id(self, messages: list[Message], namespace: str = "") -> str:
+        """The session a request without an id continues (an idle one whose history digest its earlier messages
+        match, claimed for it: see :meth:`SessionStore.claim_by_digest`), or a new id; in ``namespace``."""
         digest = ""
         for message in messages[:-1]:
             digest = chain(digest, message.kind, message.text)
-        found = self.store.find_by_digest(digest) if len(messages) > 1 else None
-        return found or f"session-{uuid.uuid4().hex}"
+        found = self.store.claim_by_digest(digest, namespace) if len(messages) > 1 else None
+        return found or f"{namespace}session-{uuid.uuid4().hex}"
 
     def resolve(self, session_id: str, messages: list[Message]) -> Live:
         """The session (found, restored from disk, or new with the request's system prompt), counted in flight."""
@@ -199,8 +200,10 @@ class Server:
                 live.digest, live.messages = chain("", "system", system.text), 1
         else:
             self.resumed += 1
-        live.inflight += 1
-        self.store.put(live)
+        with self.store.lock:
+            live.inflight += 1
+            self.store.put(live)
+            self.store.release(session_id)  # counted in flight now: no other anonymous request can claim it
         return live
 
     def new_messages(self, live: Live, messages: list[Message]) -> list[Message]:
@@ -349,6 +352,7 @@ def _waker(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
 def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str = "streaming-llm",
                start_size: int = 4, recent_size: int = 2000, max_sessions: int = 16,
                state_dir: str | os.PathLike | None = None, api_key: str | None = None,
+               api_keys: dict[str, str] | None = None,
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
                "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0, rows: int = 8,
                pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
@@ -365,6 +369,9 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         state_dir: Folder for durable sessions (None: in memory only).
         api_key: When set, every request but ``/health`` needs ``Authorization: Bearer <api_key>``. An
             empty (or whitespace-only) key raises ``ValueError``: it would otherwise open the server silently.
+        api_keys: Further keys, ``{key: tenant}`` (``--api-keys-file``; :func:`~.config.read_api_keys`). Each
+            tenant sees only its own sessions (list, read, continue, export, import, delete; another's is a 404,
+            and anonymous continuation stays inside it); the tenant of ``api_key`` is one more.
         allowed_origins: Browser origins allowed to call (``*`` for any); requests from other origins get 403.
         allowed_hosts: Accepted ``Host`` header names (DNS-rebinding protection; ``*`` for any).
         limits: Caps (:class:`Limits`).
@@ -393,7 +400,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
 
     app = FastAPI(title="streaming-llm", description=__doc__, lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(Guard, api_key=api_key, origins=tuple(allowed_origins), hosts=tuple(allowed_hosts))
+    app.add_middleware(Guard, api_key=api_key, origins=tuple(allowed_origins), hosts=tuple(allowed_hosts),
+                       tenants=api_keys)  # fmt: skip
     app.add_middleware(AccessLog)  # outermost: refused requests are logged too
     _add_error_handlers(app)
     _add_generation_routes(app, server)
@@ -462,26 +470,40 @@ def _add_generation_routes(app: FastAPI, server: Server) -> None:
 
 
 def _add_session_routes(app: FastAPI, server: Server) -> None:
+    """The session endpoints; each tenant (API key) sees only its own sessions: another's id is a 404."""
+
     def no_session(session_id: str) -> JSONResponse:
         return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
 
     def busy(session_id: str) -> JSONResponse | None:
         live = server.store.live.get(session_id)
         if live is not None and live.inflight:
-            return error_response(409, f"Session {session_id!r} has a request in flight; retry when it is done.",
-                                  code="session_busy")  # fmt: skip
+            return error_response(409, f"Session {external(session_id)!r} has a request in flight; retry when it is "
+                                       "done.", code="session_busy")  # fmt: skip
         return None
 
+    def inside(request: Request, session_id: str) -> str | None:
+        """The internal id of the caller's session ``session_id`` (None: an id no tenant can own)."""
+        return None if "\x1f" in session_id else namespace(tenant_of(request)) + session_id
+
+    def describe(internal: str) -> dict | None:
+        described = server.store.describe(internal)
+        return None if described is None else {**described, "id": external(internal)}
+
     @app.get("/v1/sessions")
-    def list_sessions():
-        return {"object": "list", "data": [d for i in server.store.ids() if (d := server.store.describe(i))]}
+    def list_sessions(request: Request):
+        tenant = tenant_of(request)
+        mine = [i for i in server.store.ids() if owns(tenant, i)]
+        return {"object": "list", "data": [d for i in mine if (d := describe(i))]}
 
     # `:path` so that ids with a slash work; the export route is matched first.
     @app.get("/v1/sessions/{session_id:path}/export")
-    async def export_session(session_id: str):
-        if (refused := busy(session_id)) is not None:
+    async def export_session(request: Request, session_id: str):
+        if (internal := inside(request, session_id)) is None:
+            return no_session(session_id)
+        if (refused := busy(internal)) is not None:
             return refused
-        data = await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.export(session_id))
+        data = await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.export(internal))
         if data is None:
             return no_session(session_id)
         name = f"session-{hashlib.sha256(session_id.encode()).hexdigest()[:16]}.safetensors"
@@ -494,24 +516,28 @@ def _add_session_routes(app: FastAPI, server: Server) -> None:
             data = await read_session_upload(server, request, session_id)
         except RequestError as problem:
             return failure(problem)
-        if (refused := busy(session_id)) is not None:
+        internal = namespace(tenant_of(request)) + session_id  # (the id was checked: printable ASCII)
+        if (refused := busy(internal)) is not None:
             return refused
         try:
-            await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.import_(session_id, data))
+            await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.import_(internal, data))
         except SessionFileError as problem:
             return failure(problem)
-        return server.store.describe(session_id)
+        return describe(internal)
 
     @app.get("/v1/sessions/{session_id:path}")
-    def get_session(session_id: str):
-        described = server.store.describe(session_id)
+    def get_session(request: Request, session_id: str):
+        internal = inside(request, session_id)
+        described = None if internal is None else describe(internal)
         return no_session(session_id) if described is None else described
 
     @app.delete("/v1/sessions/{session_id:path}")
-    async def delete_session(session_id: str):
-        if (refused := busy(session_id)) is not None:
+    async def delete_session(request: Request, session_id: str):
+        if (internal := inside(request, session_id)) is None:
+            return no_session(session_id)
+        if (refused := busy(internal)) is not None:
             return refused
-        if not await asyncio.to_thread(server.delete, session_id):
+        if not await asyncio.to_thread(server.delete, internal):
             return no_session(session_id)
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
@@ -569,9 +595,21 @@ def check_chat(server: Server, request: Request, body: ChatRequest) -> str:
                                 "(--max-messages); with X-Session-Id send only the new ones.",
                            param="messages")  # fmt: skip
     session_id = request.headers.get("x-session-id") or body.user
+    prefix = namespace(tenant_of(request))
     if session_id is not None:
         check_session_id(session_id, limits.max_session_id, "user" if body.user == session_id else "X-Session-Id")
-    return session_id if session_id is not None else server.anonymous_id(body.messages)
+        return prefix + session_id
+    return server.anonymous_id(body.messages, prefix)
+
+
+def tenant_of(request: Request) -> str:
+    """The tenant of the request's API key (set by :class:`Guard`; "" for the single key or none)."""
+    return getattr(request.state, "tenant", "") or ""
+
+
+def external(internal_id: str) -> str:
+    """A session id as its tenant knows it (without the tenant's namespace)."""
+    return internal_id.rpartition("\x1f")[2]
 
 
 def check_session_id(session_id: str, longest: int, param: str = "X-Session-Id") -> None:
@@ -594,12 +632,17 @@ async def start_turn(server: Server, request: Request, body: Sampling, kind: str
         turn = server.completion_turn(body, loop)
     else:
         session_id = check_chat(server, request, body)
-        live = await asyncio.to_thread(server.resolve, session_id, body.messages)
+        try:
+            live = await asyncio.to_thread(server.resolve, session_id, body.messages)
+        finally:
+            server.store.release(session_id)  # an anonymous request's claim (no-op otherwise)
         try:
             turn = server.chat_turn(body, live, loop)
+            server.submit(turn)
         except BaseException:
             live.inflight -= 1
             raise
+        return turn
     server.submit(turn)
     return turn
 
@@ -611,7 +654,7 @@ async def respond(server: Server, request: Request, schema: type[BaseModel], kin
     except (RequestError, ValueError) as problem:
         return failure(problem)
     watcher = asyncio.create_task(_watch_disconnect(request, turn.request))
-    headers = {"X-Session-Id": turn.session_id} if turn.session_id else None
+    headers = {"X-Session-Id": external(turn.session_id)} if turn.session_id else None
     ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     try:
         first = await _next_piece(turn)
@@ -767,7 +810,11 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
     if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
         log.warning("bound to all addresses: only loopback Host names are accepted unless --allowed-hosts names "
                     "the others")  # fmt: skip
-    warning = exposure_warning(args.host, args.api_key)
+    try:
+        api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
+    except ValueError as error:
+        raise SystemExit(f"error: --api-keys-file: {error}") from None
+    warning = exposure_warning(args.host, args.api_key or api_keys)
     if warning:
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
@@ -775,7 +822,7 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
                     request_timeout=args.request_timeout)  # fmt: skip
     app = create_app(
         model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
-        max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
+        max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key, api_keys=api_keys,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
         pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),

@@ -73,7 +73,7 @@ class SessionStore:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.model, self.tokenizer, self.engine, self.max_sessions = model, tokenizer, engine, max_sessions
         self.live: OrderedDict[str, Live] = OrderedDict()
-        self.by_digest: dict[str, str] = {}  # digest of a live session -> its id (fallback matching)
+        self.claimed: set[str] = set()  # ids an anonymous request has claimed and not yet counted in flight
         self.lock = threading.RLock()
         self.state_dir = Path(state_dir) if state_dir else None
         self.db: sqlite3.Connection | None = None
@@ -95,15 +95,26 @@ class SessionStore:
         return self.state_dir / "sessions" / f"{hashlib.sha256(session_id.encode()).hexdigest()[:40]}.safetensors"
 
     # -- lookup --------------------------------------------------------------------------------------------
-    def find_by_digest(self, digest: str) -> str | None:
-        """The id of the session whose processed messages have this digest, if any (live or on disk)."""
+    def claim_by_digest(self, digest: str, namespace: str = "") -> str | None:
+        """Claim the id of an idle session (in memory or on disk) whose processed messages have this digest and
+        whose id starts with ``namespace``, or None. A claimed session is not offered again until
+        :meth:`release` (call it once the request is counted in the session's ``inflight``), and a session in
+        flight is never offered: two concurrent requests with the same history never get the same session."""
         with self.lock:
-            if digest in self.by_digest:
-                return self.by_digest[digest]
+            candidates = [x.id for x in self.live.values() if x.digest == digest and x.inflight == 0]
             if self.db is not None:
-                row = self.db.execute("SELECT id FROM sessions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
-                return row[0] if row else None
+                rows = self.db.execute("SELECT id FROM sessions WHERE digest = ? ORDER BY updated DESC", (digest,))
+                candidates += [row[0] for row in rows if row[0] not in self.live]
+            for session_id in candidates:
+                if session_id.startswith(namespace) and session_id not in self.claimed:
+                    self.claimed.add(session_id)
+                    return session_id
         return None
+
+    def release(self, session_id: str) -> None:
+        """End the claim of :meth:`claim_by_digest` (no-op for an id not claimed)."""
+        with self.lock:
+            self.claimed.discard(session_id)
 
     def get(self, session_id: str) -> Live | None:
         """The session (from memory, or restored from disk onto the engine), or None when unknown.
@@ -174,17 +185,13 @@ class SessionStore:
         leave memory (their files stay)."""
         with self.lock:
             old = self.live.pop(live.id, None)
-            if old is not None:
-                self.by_digest.pop(old.digest, None)
-                if old is not live:
-                    self._forget(old)
+            if old is not None and old is not live:
+                self._forget(old)
             self.live[live.id] = live
-            self.by_digest[live.digest] = live.id
             idle = [x for x in self.live.values() if x.inflight == 0 and x is not live]
             while len(self.live) > self.max_sessions and idle:
                 gone = idle.pop(0)
-                del self.live[gone.id]
-                self.by_digest.pop(gone.digest, None)  # already on disk (every turn is), or dropped
+                del self.live[gone.id]  # already on disk (every turn is), or dropped
                 self._forget(gone)
 
     def _forget(self, live: Live) -> None:
@@ -194,11 +201,7 @@ class SessionStore:
 
     def update_digest(self, live: Live, digest: str, messages: int) -> None:
         with self.lock:
-            if self.by_digest.get(live.digest) == live.id:
-                del self.by_digest[live.digest]
             live.digest, live.messages = digest, messages
-            if live.id in self.live:
-                self.by_digest[digest] = live.id
 
     def persist(self, live: Live) -> None:
         """Write the session's state to its file and the index (no-op without ``state_dir``)."""
@@ -245,8 +248,6 @@ class SessionStore:
         with self.lock:
             live = self.live.pop(session_id, None)
             if live is not None:
-                if self.by_digest.get(live.digest) == session_id:
-                    del self.by_digest[live.digest]
                 self._forget(live)
 
     # -- for the HTTP handlers ---------------------------------------------------------------------------------
