@@ -319,3 +319,29 @@ def test_each_key_sees_only_its_own_sessions(serve, tmp_path):
     bob = served.http.post("/v1/chat/completions", headers=as_["key-bob"], json=follow)
     assert bob.headers["x-session-id"] != opened.headers["x-session-id"]
     assert_openai_error(served.http.get("/v1/sessions", headers={"Authorization": "Bearer nope"}), 401)
+
+
+# -- item 4: no error names a server path --------------------------------------------------------------------------
+def test_error_messages_never_contain_a_server_path(serve, tmp_path, monkeypatch):
+    state = tmp_path / "state-dir-secret-name"
+    first = serve(state_dir=state)
+    assert first.chat("damaged", "hello").status_code == 200
+    assert first.chat("full", "hello").status_code == 200
+    first.close()
+    for file in (state / "sessions").iterdir():  # every session file damaged; a new server must read them
+        file.write_bytes(file.read_bytes()[:100])
+    served = serve(state_dir=state)
+    bodies = [served.chat("damaged", "again"), served.http.put("/v1/sessions/x", content=b"garbage",
+              headers={"Content-Type": "application/octet-stream"})]  # fmt: skip
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "write_session_file", full_disk)
+        bodies.append(served.chat("new", "hello"))
+    statuses = [b.status_code for b in bodies]
+    assert statuses == [409, 400, 503]
+    for body in bodies:
+        assert_openai_error(body, body.status_code)
+        assert str(tmp_path) not in body.text and "/tmp" not in body.text and ".safetensors" not in body.text

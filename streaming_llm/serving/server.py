@@ -721,8 +721,8 @@ def failure(item: BaseException) -> JSONResponse:
         return error_response(500, str(item), "server_error")
     if isinstance(item, ValueError):
         return error_response(400, str(item))
-    log.error("request failed", exc_info=item)
-    return error_response(500, f"Generation failed ({type(item).__name__}: {item}).", "server_error")
+    log.error("request failed", exc_info=item)  # the details (paths too) go to the log, not to the client
+    return error_response(500, f"Generation failed ({type(item).__name__}).", "server_error")
 
 
 def _ending_error(request: runtime.Request) -> BaseException | None:

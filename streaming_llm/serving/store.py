@@ -127,7 +127,11 @@ class SessionStore:
                 return self.live[session_id]
         if self.state_dir is None or not self.path(session_id).is_file():
             return None
-        state, tensors = read_session_file(self.path(session_id), self.model)
+        path = self.path(session_id)
+        try:
+            state, tensors = read_session_file(path, self.model)
+        except SessionFileError as error:  # its message names the file: never show a client a server path
+            raise SessionFileError(str(error).replace(str(path), "Its file")) from None
         live = self._restore(session_id, state, tensors, server_required=True)
         self.put(live)
         return live
