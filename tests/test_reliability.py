@@ -345,3 +345,30 @@ def test_error_messages_never_contain_a_server_path(serve, tmp_path, monkeypatch
     for body in bodies:
         assert_openai_error(body, body.status_code)
         assert str(tmp_path) not in body.text and "/tmp" not in body.text and ".safetensors" not in body.text
+
+
+# -- item 12: small things -----------------------------------------------------------------------------------------
+def test_stream_header_head_health_retry_after_and_an_accurate_timeout(serve):
+    from streaming_llm.serving.config import Limits
+
+    served = serve(api_key="k", limits=Limits(max_queue=1, request_timeout=1.0, max_tokens=100_000))
+    auth = {"Authorization": "Bearer k"}
+    assert served.http.head("/health").status_code == 200  # no key needed, as GET
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0, "stream": True}
+    with served.http.stream("POST", "/v1/chat/completions", json=body,
+                            headers={**auth, "X-Session-Id": "streamed"}) as streamed:  # fmt: skip
+        assert streamed.status_code == 200 and streamed.headers["x-session-id"] == "streamed"
+        assert list(streamed.iter_lines())[-2:] == ["data: [DONE]", ""]
+    # one long request fills the queue (max_queue=1): the next gets a 429 with Retry-After
+    long = {**body, "max_tokens": 100_000}
+    with served.http.stream("POST", "/v1/chat/completions", json=long, headers={**auth, "X-Session-Id": "long"}) as s:
+        started = time.monotonic()
+        refused = served.http.post("/v1/chat/completions", json={**body, "stream": False}, headers=auth)
+        assert_openai_error(refused, 429, "queue_full")
+        assert int(refused.headers["retry-after"]) >= 1
+        lines = list(s.iter_lines())
+        elapsed = time.monotonic() - started
+    # --request-timeout 1: the stream ends with the timeout error within the bound (1 s plus one step)
+    events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "timeout" and lines[-2:] == ["data: [DONE]", ""]
+    assert elapsed < 1.0 + 0.5, elapsed

@@ -435,6 +435,10 @@ def _add_generation_routes(app: FastAPI, server: Server) -> None:
     def health():
         return server.health()
 
+    @app.head("/health")
+    def health_head():
+        return Response(status_code=200)  # load balancers probe with HEAD
+
     def model_card(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
 
@@ -710,13 +714,21 @@ def _completion_body(server: Server, turn: Turn, pieces: list, ident: str, creat
     }  # fmt: skip
 
 
+RETRY_AFTER_S = 1  # what a 429 (queue full) and a 503 (shutting down, storage failed) suggest in Retry-After
+
+
 def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, RequestError):
-        return error_response(item.status, item.message, item.kind, item.param, item.code)
+        response = error_response(item.status, item.message, item.kind, item.param, item.code)
+        if item.status in (429, 503):
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     if isinstance(item, SessionFileError):
         return error_response(400, str(item), code="invalid_session_file")
     if isinstance(item, QueueFull):
-        return error_response(429, str(item), "rate_limit_error", code="queue_full")
+        response = error_response(429, str(item), "rate_limit_error", code="queue_full")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     if isinstance(item, SessionBrokenError):
         return error_response(500, str(item), "server_error")
     if isinstance(item, ValueError):
@@ -777,6 +789,7 @@ async def _sse(server: Server, turn: Turn, first, body: Sampling, ident: str, cr
         problem = _ending_error(turn.request)
         if problem is not None:
             yield f"data: {json.dumps({'error': json.loads(failure(problem).body)['error']})}\n\n"
+            yield "data: [DONE]\n\n"  # the stream ends as every stream does, after its error event
             return
         if state is not None:
             state.usage = _usage(server, turn)
