@@ -69,7 +69,7 @@ from .config import Limits, exposure_warning, read_api_keys
 from .guard import Guard, namespace, owns
 from .page import add_web_routes
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
-from .store import Live, SessionStore, chain
+from .store import Live, SessionStore, StateDirError, chain
 
 log = logging.getLogger(__name__)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: "stop"}
@@ -807,6 +807,14 @@ def default_sampling() -> SamplingConfig:
     return SamplingConfig(**SAMPLING_DEFAULTS)
 
 
+def _create_or_exit(*args, **kwargs) -> FastAPI:
+    """:func:`create_app`, with an unusable state dir as a one-line error instead of a traceback."""
+    try:
+        return create_app(*args, **kwargs)
+    except StateDirError as error:
+        raise SystemExit(f"error: --state-dir: {error}") from None
+
+
 def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Run the server with the ``serve`` flags until SIGINT/SIGTERM."""
     import sys
@@ -833,7 +841,7 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
     limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                     request_timeout=args.request_timeout)  # fmt: skip
-    app = create_app(
+    app = _create_or_exit(
         model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
         max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key, api_keys=api_keys,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),

@@ -38,6 +38,10 @@ from ..sessions.session import StreamingSession
 log = logging.getLogger(__name__)
 
 
+class StateDirError(RuntimeError):
+    """The state dir cannot be used (not writable, or its index cannot be created); one line, for the operator."""
+
+
 @dataclass(eq=False)
 class Live:
     """A session in memory, with the digest chain of the messages it has processed.
@@ -78,17 +82,68 @@ class SessionStore:
         self.state_dir = Path(state_dir) if state_dir else None
         self.db: sqlite3.Connection | None = None
         if self.state_dir:
-            (self.state_dir / "sessions").mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_temporaries(self.state_dir / "sessions"):
+            folder = self.state_dir / "sessions"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-probe.{os.getpid()}.tmp"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                raise StateDirError(f"the state dir {self.state_dir} is not writable ({error.strerror or error}); "
+                                    "give the server a folder it can write") from None  # fmt: skip
+            for stale in remove_stale_temporaries(folder):
                 log.warning("removed a stale temporary file: %s", stale)
-            self.db = sqlite3.connect(self.state_dir / "index.sqlite3", check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, file TEXT NOT NULL, digest TEXT NOT NULL, "
-                "messages INTEGER NOT NULL, turns INTEGER, seen_tokens INTEGER, evicted_tokens INTEGER, "
-                "cached_tokens INTEGER, cache_bytes INTEGER, updated REAL NOT NULL)"
-            )
-            self.db.execute("CREATE INDEX IF NOT EXISTS sessions_digest ON sessions (digest)")
+            self.db = self._open_index(self.state_dir / "index.sqlite3")
+            self._rebuild_index()
+
+    @staticmethod
+    def _open_index(path: Path) -> sqlite3.Connection:
+        """The index, created if missing; a damaged one (not SQLite, truncated, a folder) is moved aside."""
+        for attempt in range(2):
+            try:
+                db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, file TEXT NOT NULL, digest TEXT NOT "
+                    "NULL, messages INTEGER NOT NULL, turns INTEGER, seen_tokens INTEGER, evicted_tokens INTEGER, "
+                    "cached_tokens INTEGER, cache_bytes INTEGER, updated REAL NOT NULL)"
+                )
+                db.execute("CREATE INDEX IF NOT EXISTS sessions_digest ON sessions (digest)")
+                db.execute("SELECT id, file, digest, messages, updated FROM sessions LIMIT 1").fetchall()
+                return db
+            except (sqlite3.DatabaseError, OSError) as error:
+                if attempt:
+                    raise StateDirError(f"cannot create the session index {path} ({error})") from None
+                aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                log.warning("the session index %s is damaged (%s): moved aside to %s; rebuilding it from the "
+                            "session files", path, error, aside.name)  # fmt: skip
+                os.replace(path, aside)
+                for suffix in ("-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def _rebuild_index(self) -> None:
+        """Index every session file the index lacks (the files are the truth): a missing or moved-aside index
+        hides no session. Files that cannot be read are left in place and logged."""
+        assert self.state_dir is not None and self.db is not None
+        indexed = {row[0] for row in self.db.execute("SELECT file FROM sessions")}
+        added = 0
+        for file in sorted((self.state_dir / "sessions").glob("*.safetensors")):
+            if file.name in indexed:
+                continue
+            try:
+                state, _ = read_session_file(file, self.model)
+                server = state["server"]
+                row = (str(server["id"]), file.name, str(server["digest"]), int(server["messages"]),
+                       int(state.get("turns", 0)), file.stat().st_mtime)  # fmt: skip
+            except (SessionFileError, KeyError, TypeError, ValueError, OSError) as error:
+                log.warning("session file %s not indexed: %s", file.name, error)
+                continue
+            self.db.execute("INSERT OR REPLACE INTO sessions (id, file, digest, messages, turns, updated) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", row)  # fmt: skip
+            added += 1
+        if added:
+            log.warning("indexed %d session file(s) the index lacked", added)
 
     def path(self, session_id: str) -> Path:
         assert self.state_dir is not None

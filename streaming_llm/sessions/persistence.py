@@ -14,11 +14,13 @@ its own target.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -33,6 +35,10 @@ FORMAT = "streaming-llm-session"
 VERSION = 2
 HEADER_KEY = "streaming_llm"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+# safetensors' save_file first writes its own ``.tmpXXXXXX`` in the target's folder (Rust's tempfile crate), then
+# renames it: a kill -9 in between leaves that one too. It names no process, so only old ones are removed.
+_LIBRARY_TEMPORARY = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+LIBRARY_TEMPORARY_AGE_S = 600.0
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -156,13 +162,20 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
 
     A temporary is stale when the process id in its name is no longer running (or is this process's
     id from an earlier life, which cannot be told apart: only other pids are trusted to be alive).
-    Returns the files removed.
+    Without ``name``, the safetensors library's own temporaries (``.tmpXXXXXX``) older than
+    ``LIBRARY_TEMPORARY_AGE_S`` (10 minutes: no save takes that long) go too. Returns the files removed.
     """
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for candidate in folder.iterdir():
+        if name is None and _LIBRARY_TEMPORARY.match(candidate.name):
+            with contextlib.suppress(OSError):
+                if time.time() - candidate.stat().st_mtime > LIBRARY_TEMPORARY_AGE_S:
+                    candidate.unlink()
+                    removed.append(candidate)
+            continue
         match = _TEMPORARY.match(candidate.name)
         if not match or (name is not None and match["name"] != name) or _alive(int(match["pid"])):
             continue
