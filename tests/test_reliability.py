@@ -472,3 +472,70 @@ def test_an_unusable_state_dir_is_a_one_line_error(tiny_dir, tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not writable" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- item 5: files the server wrote are authenticated (HMAC with the state dir's secret) --------------------------
+@pytest.mark.parametrize("signature", ["kept", "dropped", "recomputed-with-another-key"])
+def test_a_forged_session_file_with_its_checksum_recomputed_is_refused(serve, tmp_path, signature):
+    import hashlib
+    import hmac
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from streaming_llm.sessions import persistence
+
+    state = tmp_path / "state"
+    served = serve(state_dir=state)
+    assert served.chat("victim", "hello").status_code == 200
+    served.close()
+    assert (state / "secret.key").stat().st_mode & 0o777 == 0o600
+    (file,) = (state / "sessions").glob("*.safetensors")
+    with safe_open(str(file), framework="pt") as f:
+        header = json.loads(f.metadata()[persistence.HEADER_KEY])
+    tensors = load_file(str(file))
+    mac = header.pop("hmac_sha256")
+    header.pop("sha256")
+    header["state"]["turns"] = 99  # the forgery
+    header["sha256"] = persistence._digest(header, tensors)  # the checksum recomputed, as an attacker can
+    if signature == "kept":
+        header["hmac_sha256"] = mac
+    elif signature == "recomputed-with-another-key":
+        header["hmac_sha256"] = hmac.new(os.urandom(32), header["sha256"].encode(), hashlib.sha256).hexdigest()
+    save_file(tensors, str(file), metadata={persistence.HEADER_KEY: json.dumps(header)})
+    served = serve(state_dir=state)
+    assert_openai_error(served.chat("victim", "again"), 409, "session_unreadable")
+    # a plain save() file (no HMAC) is still taken as an import, checked by its checksum
+    plain = tmp_path / "plain.safetensors"
+    from streaming_llm import StreamingSession
+
+    own = StreamingSession(served.server.model, served.server.tokenizer, recent_size=WINDOW)
+    own.chat("hi", max_new_tokens=2)
+    own.save(plain)
+    put = served.http.put("/v1/sessions/imported", content=plain.read_bytes(),
+                          headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+    assert put.status_code == 200, put.text
+
+
+# -- item 10: SIGTERM ends in-flight replies cleanly, within the promised time -------------------------------------
+def test_sigterm_gives_streams_a_final_error_event_and_exits_in_time(tiny_dir):
+    import signal
+
+    from test_server import Served
+
+    served = Served(tiny_dir, "--temperature", "0", "--max-tokens-cap", "100000", "--shutdown-timeout", "3")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000, "stream": True}
+    lines: list[str] = []
+    with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=60) as stream:
+        for line in stream.iter_lines():
+            lines.append(line)
+            if len(lines) == 20:  # generating: now stop the server
+                signalled = time.monotonic()
+                served.process.send_signal(signal.SIGTERM)
+    served.process.wait(30)
+    exited = time.monotonic() - signalled
+    events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "shutting_down" and set(events[-1]["error"]) >= {"message", "type"}
+    assert lines[-2:] == ["data: [DONE]", ""]
+    assert exited < 3 + 1.0, exited  # --shutdown-timeout plus a moment

@@ -854,4 +854,13 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
                             log_level="warning")  # fmt: skip
     page = "" if args.no_web else ", chat page at /"
     print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1{page})", flush=True)
-    uvicorn.Server(config).run()
+    engine = app.state.server.engine
+
+    class Server_(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # End in-flight work first (streams get a shutting-down error event and [DONE], others a 503), so that
+            # uvicorn's graceful wait finds the responses complete. A thread: the handler must not take a lock.
+            threading.Thread(target=engine.shutdown, name="streaming-llm-shutdown", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    Server_(config).run()

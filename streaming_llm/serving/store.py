@@ -32,7 +32,13 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..runtime.engine import Engine
-from ..sessions.persistence import SessionFileError, read_session_file, remove_stale_temporaries, write_session_file
+from ..sessions.persistence import (
+    SessionFileError,
+    read_session_file,
+    remove_stale_temporaries,
+    server_secret,
+    write_session_file,
+)
 from ..sessions.session import StreamingSession
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,7 @@ class SessionStore:
         self.lock = threading.RLock()
         self.state_dir = Path(state_dir) if state_dir else None
         self.db: sqlite3.Connection | None = None
+        self.secret: bytes | None = None  # HMAC key of the files this server writes (state_dir/secret.key)
         if self.state_dir:
             folder = self.state_dir / "sessions"
             try:
@@ -91,6 +98,7 @@ class SessionStore:
             except OSError as error:
                 raise StateDirError(f"the state dir {self.state_dir} is not writable ({error.strerror or error}); "
                                     "give the server a folder it can write") from None  # fmt: skip
+            self.secret = server_secret(self.state_dir)
             for stale in remove_stale_temporaries(folder):
                 log.warning("removed a stale temporary file: %s", stale)
             self.db = self._open_index(self.state_dir / "index.sqlite3")
@@ -132,7 +140,7 @@ class SessionStore:
             if file.name in indexed:
                 continue
             try:
-                state, _ = read_session_file(file, self.model)
+                state, _ = read_session_file(file, self.model, self.secret)
                 server = state["server"]
                 row = (str(server["id"]), file.name, str(server["digest"]), int(server["messages"]),
                        int(state.get("turns", 0)), file.stat().st_mtime)  # fmt: skip
@@ -184,7 +192,7 @@ class SessionStore:
             return None
         path = self.path(session_id)
         try:
-            state, tensors = read_session_file(path, self.model)
+            state, tensors = read_session_file(path, self.model, self.secret)
         except SessionFileError as error:  # its message names the file: never show a client a server path
             raise SessionFileError(str(error).replace(str(path), "Its file")) from None
         live = self._restore(session_id, state, tensors, server_required=True)
@@ -300,7 +308,7 @@ class SessionStore:
     def _write(self, live: Live, path: Path) -> Path:
         tensors, state = live.session.state()
         state["server"] = {"id": live.id, "digest": live.digest, "messages": live.messages}
-        return write_session_file(path, tensors, state, self.model)
+        return write_session_file(path, tensors, state, self.model, self.secret)
 
     def discard(self, session_id: str) -> None:
         """Forget the in-memory copy (e.g. after a failure); the file, if any, stays."""
