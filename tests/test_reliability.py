@@ -539,3 +539,19 @@ def test_sigterm_gives_streams_a_final_error_event_and_exits_in_time(tiny_dir):
     assert events[-1]["error"]["code"] == "shutting_down" and set(events[-1]["error"]) >= {"message", "type"}
     assert lines[-2:] == ["data: [DONE]", ""]
     assert exited < 3 + 1.0, exited  # --shutdown-timeout plus a moment
+
+
+# -- item 11: a slow body is cut off ------------------------------------------------------------------------------
+def test_a_body_sent_too_slowly_gets_a_408_within_the_body_timeout(serve):
+    from streaming_llm.serving.config import Limits
+
+    served = serve(limits=Limits(body_timeout=1.0))
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as slow:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"messages\"")  # fmt: skip
+        started = time.monotonic()
+        answer = slow.recv(65536).decode()
+        elapsed = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"code":"body_timeout"' in answer
+    assert 1.0 <= elapsed < 2.0, elapsed

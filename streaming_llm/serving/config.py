@@ -22,6 +22,7 @@ class Limits:
     request_timeout: float = 600.0  # seconds one request may run
     max_session_id: int = 256  # characters
     max_session_bytes: int = 1 << 32  # an imported session file (PUT /v1/sessions/{id})
+    body_timeout: float = 30.0  # seconds to receive a whole request body (slower: 408)
 
 
 # -- command line -----------------------------------------------------------------------------------------------
@@ -62,6 +63,10 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--max-queue", _positive, d.max_queue, "requests running or waiting before 429"),
         ("--request-timeout", float, d.request_timeout, "seconds per request"),
         ("--shutdown-timeout", float, 5.0, "seconds to wind down on SIGTERM"),
+        ("--body-timeout", _positive_float, d.body_timeout, "seconds a client may take to send a request body "
+         "(slower: 408)"),
+        ("--max-connections", _positive, None, "most open connections and requests at once (more: 503); not set: "
+         "no cap"),
     ]  # fmt: skip
     _add(group, flags)
     group.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (default: served)")

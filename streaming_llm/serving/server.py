@@ -574,10 +574,15 @@ async def read_body(server: Server, request: Request, schema: type[BaseModel]):
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise RequestError(413, f"The body is {declared} bytes; the limit is {limits.max_body_bytes}.")
     raw = bytearray()
-    async for block in request.stream():
-        raw += block
-        if len(raw) > limits.max_body_bytes:
-            raise RequestError(413, f"The body is over the limit of {limits.max_body_bytes} bytes.")
+    try:
+        async with asyncio.timeout(limits.body_timeout):
+            async for block in request.stream():
+                raw += block
+                if len(raw) > limits.max_body_bytes:
+                    raise RequestError(413, f"The body is over the limit of {limits.max_body_bytes} bytes.")
+    except TimeoutError:
+        raise RequestError(408, f"The body did not arrive within {limits.body_timeout:g} s (--body-timeout).",
+                           code="body_timeout") from None  # fmt: skip
     body = parse_body(bytes(raw), schema)
     if body.model is not None and body.model not in server.names:
         raise RequestError(404, f"The model `{body.model}` does not exist or you do not have access to it. "
@@ -840,7 +845,7 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
-                    request_timeout=args.request_timeout)  # fmt: skip
+                    request_timeout=args.request_timeout, body_timeout=args.body_timeout)  # fmt: skip
     app = _create_or_exit(
         model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
         max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key, api_keys=api_keys,
@@ -851,7 +856,7 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
     )  # fmt: skip
     configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
-                            log_level="warning")  # fmt: skip
+                            log_level="warning", limit_concurrency=args.max_connections)  # fmt: skip
     page = "" if args.no_web else ", chat page at /"
     print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1{page})", flush=True)
     engine = app.state.server.engine
