@@ -635,11 +635,15 @@ class Engine:
 
     def _emit(self, rows: list[tuple[Request, torch.Tensor]]) -> None:
         """Sample each request's next token and hand it on (one device read for an all-greedy batch)."""
+        picks: list[int | BaseException]
         if all(r.stream.sampler.greedy for r, _ in rows):
-            picks = greedy_picks([r.stream.sampler for r, _ in rows], [lg for _, lg in rows])
+            picks = list(greedy_picks([r.stream.sampler for r, _ in rows], [lg for _, lg in rows]))
         else:
-            picks = [r.stream.sampler(lg) for r, lg in rows]
+            picks = [_sample_or_error(r.stream.sampler, lg) for r, lg in rows]
         for (request, _), token in zip(rows, picks, strict=True):
+            if isinstance(token, BaseException):  # sampling failed: nothing was emitted, the cache is whole
+                self._complete(request, token)
+                continue
             try:
                 ended = request._emit(int(token))
             except BaseException as error:  # a callback failed: close the turn as far as it got
@@ -673,6 +677,15 @@ class Engine:
         if stream.row is not None:
             stream._record(self.cache.row(stream.row))
         request._finish(error)
+
+
+def _sample_or_error(sampler, logits: torch.Tensor) -> int | BaseException:
+    """The sampler's pick, or the exception it raised (one row's bad sampling must not stop the engine)."""
+    try:
+        return sampler(logits)
+    except Exception as error:  # e.g. probabilities that are not finite
+        log.warning("sampling failed for one request: %s", error)
+        return error
 
 
 def check_max_new_tokens(max_new_tokens: object, endless_ok: bool = True, zero_ok: bool = False) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class Limits:
     request_timeout: float = 600.0  # seconds one request may run
     max_session_id: int = 256  # characters
     max_session_bytes: int = 1 << 32  # an imported session file (PUT /v1/sessions/{id})
+    body_timeout: float = 30.0  # seconds to receive a whole request body (slower: 408)
 
 
 # -- command line -----------------------------------------------------------------------------------------------
@@ -48,6 +51,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--api-key", api_key, os.environ.get("STREAMING_LLM_API_KEY"),
          "require 'Authorization: Bearer KEY' on every endpoint but /health; $STREAMING_LLM_API_KEY sets the "
          "default; an empty key is an error"),
+        ("--api-keys-file", str, None, "file of further API keys, one per line, 'TENANT:KEY' or 'KEY' ('#' "
+         "comments): each key is a tenant that lists, reads, continues and deletes only its own sessions (others' "
+         "are a 404)"),
         ("--allowed-origins", str, "", "comma-separated browser origins allowed"),
         ("--allowed-hosts", str, "", "extra Host names accepted, comma-separated ('*': any)"),
         ("--max-tokens-cap", _positive, d.max_tokens, "largest max_tokens a request may ask for"),
@@ -57,6 +63,10 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         ("--max-queue", _positive, d.max_queue, "requests running or waiting before 429"),
         ("--request-timeout", float, d.request_timeout, "seconds per request"),
         ("--shutdown-timeout", float, 5.0, "seconds to wind down on SIGTERM"),
+        ("--body-timeout", _positive_float, d.body_timeout, "seconds a client may take to send a request body "
+         "(slower: 408)"),
+        ("--max-connections", _positive, None, "most open connections and requests at once (more: 503); not set: "
+         "no cap"),
     ]  # fmt: skip
     _add(group, flags)
     group.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (default: served)")
@@ -115,7 +125,37 @@ def api_key(text: str) -> str:
     return text
 
 
-def exposure_warning(host: str, key: str | None) -> str | None:
+def read_api_keys(path: str | os.PathLike) -> dict[str, str]:
+    """The keys of ``--api-keys-file``: ``{key: tenant}``. A line is ``TENANT:KEY`` or ``KEY`` (its tenant is then
+    ``key-`` and 12 hex digits of its SHA-256); blank lines and ``#`` comments are skipped.
+
+    Raises:
+        ValueError: an unreadable file, no key, a key given twice, or a tenant that is not printable ASCII.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the API keys file: {type(error).__name__}") from None
+    keys: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        tenant, _, key = line.partition(":") if ":" in line else ("", "", line)
+        tenant, key = tenant.strip(), key.strip()
+        tenant = tenant or f"key-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        if not key or not all(" " < c <= "~" for c in key + tenant):
+            raise ValueError(f"line {number} of the API keys file: a key and tenant must be printable ASCII "
+                             "without spaces")  # fmt: skip
+        if key in keys:
+            raise ValueError(f"line {number} of the API keys file: a key given twice")
+        keys[key] = tenant
+    if not keys:
+        raise ValueError("the API keys file has no key")
+    return keys
+
+
+def exposure_warning(host: str, key: object) -> str | None:
     """A loud warning when ``host`` reaches beyond this machine and no API key is set (else None)."""
     if key or _is_loopback(host):
         return None

@@ -14,11 +14,30 @@ def is_open(path: str) -> bool:
     return path in ("/health", "/") or path.startswith("/web/")
 
 
-class Guard:
-    """Pure-ASGI checks before any handler: Host (DNS rebinding), Origin (browsers), API key."""
+# Between a tenant's name and a session id inside the server (session ids are printable ASCII: never this).
+TENANT_SEP = "\x1f"
 
-    def __init__(self, app, api_key: str | None, origins: tuple[str, ...], hosts: tuple[str, ...]):
+
+def namespace(tenant: str) -> str:
+    """The prefix of the internal ids of ``tenant``'s sessions ("" for the tenant of ``--api-key`` or no key)."""
+    return f"{tenant}{TENANT_SEP}" if tenant else ""
+
+
+def owns(tenant: str, internal_id: str) -> bool:
+    """Whether the session with this internal id belongs to ``tenant``."""
+    return internal_id.startswith(namespace(tenant)) if tenant else TENANT_SEP not in internal_id
+
+
+class Guard:
+    """Pure-ASGI checks before any handler: Host (DNS rebinding), Origin (browsers), API key.
+
+    ``tenants`` maps further API keys to tenant names (``--api-keys-file``); the tenant of the request's key
+    ("" for ``api_key``, or without keys) is put in ``scope["state"]["tenant"]`` (``request.state.tenant``)."""
+
+    def __init__(self, app, api_key: str | None, origins: tuple[str, ...], hosts: tuple[str, ...],
+                 tenants: dict[str, str] | None = None):  # fmt: skip
         self.app, self.api_key, self.origins, self.hosts = app, api_key, origins, hosts
+        self.keys = {**(tenants or {}), **({api_key: ""} if api_key else {})}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -27,6 +46,7 @@ class Guard:
         problem = self.check(scope, headers)
         if problem is not None:
             return await problem(scope, receive, send)
+        scope.setdefault("state", {})["tenant"] = self.tenant(headers.get("authorization", ""))
         origin = headers.get("origin")
         if origin and scope["method"] == "OPTIONS":  # CORS preflight from an allowed origin
             response = JSONResponse({}, headers=self._cors(origin))
@@ -41,6 +61,17 @@ class Guard:
 
             return await self.app(scope, receive, send_with_cors)
         return await self.app(scope, receive, send)
+
+    def tenant(self, authorization: str) -> str | None:
+        """The tenant of the key in an ``Authorization`` header ("" without keys), or None for a wrong key. Every
+        key is compared (in constant time each), so the time does not tell which one nearly matched."""
+        if not self.keys:
+            return ""
+        found = None
+        for key, tenant in self.keys.items():
+            if hmac.compare_digest(authorization.encode("utf-8", "replace"), f"Bearer {key}".encode()):
+                found = tenant
+        return found
 
     def _cors(self, origin: str) -> dict[str, str]:
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
@@ -63,9 +94,8 @@ class Guard:
             return error_response(403, f"Requests from the browser origin {origin!r} are refused; start the server "
                                   "with --allowed-origins to allow it.", "permission_error",
                                   code="origin_not_allowed")  # fmt: skip
-        if self.api_key and not is_open(scope["path"]) and scope["method"] != "OPTIONS":
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return error_response(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                                      "authentication_error", code="invalid_api_key")  # fmt: skip
+        needs_key = self.keys and not is_open(scope["path"]) and scope["method"] != "OPTIONS"
+        if needs_key and self.tenant(headers.get("authorization", "")) is None:
+            return error_response(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                                  "authentication_error", code="invalid_api_key")  # fmt: skip
         return None

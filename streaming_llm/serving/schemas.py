@@ -35,6 +35,13 @@ def _text(value: str) -> str:
     return value
 
 
+# Sampling values inside OpenAI's ranges that cannot work numerically (they overflow float32 logits or round
+# to 0): refused up front with a 400 rather than failing mid-turn.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+MIN_PENALTY = 1e-3
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -89,6 +96,27 @@ class Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value):
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (smaller ones overflow the logits)")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, value):
+        if value is not None and value < MIN_TOP_P:
+            raise ValueError(f"must be at least {MIN_TOP_P} (smaller ones vanish in float32 and keep no token)")
+        return value
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _penalty(cls, value):
+        if value is not None and value < MIN_PENALTY:
+            raise ValueError(f"must be at least {MIN_PENALTY} (smaller ones overflow the logits)")
+        return value
 
     @field_validator("stop", "user")
     @classmethod
@@ -151,6 +179,8 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
         raise RequestError(400, "The JSON body is nested too deeply.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as problem:
         raise RequestError(400, f"The body is not valid JSON: {problem}.") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits())
+        raise RequestError(400, "The body has a number with too many digits.") from None
     if not isinstance(data, dict):
         raise RequestError(400, "The body must be a JSON object.")
     unsupported = [name for name, off in UNSUPPORTED.items() if name in data and data[name] not in off]

@@ -65,15 +65,19 @@ from ..sessions.persistence import SessionFileError
 from ..sessions.retrieval import RetrievalMemory
 from ..sessions.session import SessionBrokenError, StreamingSession
 from .access_log import AccessLog
-from .config import Limits, exposure_warning
-from .guard import Guard
+from .config import Limits, exposure_warning, read_api_keys
+from .guard import Guard, namespace, owns
 from .page import add_web_routes
 from .schemas import ChatRequest, CompletionRequest, Message, RequestError, Sampling, error_response, parse_body
-from .store import Live, SessionStore, chain
+from .store import Live, SessionStore, StateDirError, chain
 
 log = logging.getLogger(__name__)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", None: "stop"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+# A session's state before a turn (tensors, state with its "server" digest), or None for a broken session.
+Snapshot = tuple[dict, dict] | None
 
 
 class QueueFull(RuntimeError):
@@ -165,13 +169,14 @@ class Server:
             raise QueueFull(f"The server is busy ({self.engine.load} requests running or waiting); retry later.")
 
     # -- sessions --------------------------------------------------------------------------------------
-    def anonymous_id(self, messages: list[Message]) -> str:
-        """The session a request without an id continues (by the digest of its history), or a new id."""
+    def anonymous_id(self, messages: list[Message], namespace: str = "") -> str:
+        """The session a request without an id continues (an idle one whose history digest its earlier messages
+        match, claimed for it: see :meth:`SessionStore.claim_by_digest`), or a new id; in ``namespace``."""
         digest = ""
         for message in messages[:-1]:
             digest = chain(digest, message.kind, message.text)
-        found = self.store.find_by_digest(digest) if len(messages) > 1 else None
-        return found or f"session-{uuid.uuid4().hex}"
+        found = self.store.claim_by_digest(digest, namespace) if len(messages) > 1 else None
+        return found or f"{namespace}session-{uuid.uuid4().hex}"
 
     def resolve(self, session_id: str, messages: list[Message]) -> Live:
         """The session (found, restored from disk, or new with the request's system prompt), counted in flight."""
@@ -195,8 +200,10 @@ class Server:
                 live.digest, live.messages = chain("", "system", system.text), 1
         else:
             self.resumed += 1
-        live.inflight += 1
-        self.store.put(live)
+        with self.store.lock:
+            live.inflight += 1
+            self.store.put(live)
+            self.store.release(session_id)  # counted in flight now: no other anonymous request can claim it
         return live
 
     def new_messages(self, live: Live, messages: list[Message]) -> list[Message]:
@@ -224,10 +231,12 @@ class Server:
     def chat_turn(self, body: ChatRequest, live: Live, loop: asyncio.AbstractEventLoop) -> Turn:
         """The engine request of one chat turn; the session's history is checked when it starts (in order)."""
         fed: list[Message] = []
+        before: list[Snapshot] = []
 
         def messages() -> list[tuple[str, str]]:  # engine thread, when the turn starts
             new = self.new_messages(live, body.messages)
             self.check_prompt([m.text for m in new])
+            before.append(self.snapshot(live))  # the session as it is, to restore if the turn fails
             fed.extend(new)
             return [(m.kind, m.text) for m in new]
 
@@ -242,26 +251,64 @@ class Server:
             deadline=time.monotonic() + self.limits.request_timeout,
             on_event=wake,
             every_token=body.stream,
-            on_done=lambda r: self._close_turn(live, r, fed, text),
+            on_done=lambda r: self._close_turn(live, r, fed, text, before),
         )  # fmt: skip  (a whole reply wakes its handler once, at the end)
         return Turn(request, text, events, live.id)
 
-    def _close_turn(self, live: Live, request: runtime.Request, fed: list[Message], text: TextStream) -> None:
-        """Engine thread, when a chat request is done: record the turn and persist it (or forget a broken one)."""
+    def snapshot(self, live: Live) -> Snapshot:
+        """Everything needed to put ``live`` back as it is now (engine thread): its state, digest and count."""
+        if live.session.broken:
+            return None
+        tensors, state = live.session.state()
+        state["server"] = {"id": live.id, "digest": live.digest, "messages": live.messages}
+        return tensors, state
+
+    def _close_turn(self, live: Live, request: runtime.Request, fed: list[Message], text: TextStream,
+                    before: list[Snapshot]) -> None:  # fmt: skip
+        """Engine thread, when a chat request is done: record the turn and persist it, atomically.
+
+        A turn that failed (an error, a broken cache) or could not be persisted leaves the session exactly as it
+        was before it (restored from the snapshot taken when it started) and the request ends with
+        ``turn_failed`` (500) or ``storage_failed`` (503)."""
         live.inflight -= 1
-        session = live.session
-        if session.broken:
-            self.store.discard(live.id)  # the file (last completed turn) stays the truth
+        if not before:  # refused before anything was fed (e.g. 409): nothing changed
             return
-        if not fed:  # refused before anything was fed (e.g. 409): nothing changed
+        if live.session.broken or request.error is not None:
+            self._restore(live, before[0])
+            if not isinstance(request.error, RequestError):
+                cause = request.error or SessionBrokenError(str(live.session.broken))
+                log.error("turn of session %r failed: %s: %s", live.id, type(cause).__name__, cause)
+                request.error = RequestError(500, f"The turn failed ({type(cause).__name__}); the session is as it "
+                                                  "was before it. Retry, or change the request.", param=None,
+                                             kind="server_error", code="turn_failed")  # fmt: skip
             return
+        old = live.digest, live.messages
         digest, count = live.digest, live.messages
         for message in fed:
             digest, count = chain(digest, message.kind, message.text), count + 1
         self.store.update_digest(live, chain(digest, "assistant", "".join(text.text)), count + 1)
-        live.record_memory()
-        self.store.put(live)
-        self.store.persist(live)
+        try:
+            live.record_memory()
+            self.store.put(live)
+            self.store.persist(live)
+        except Exception as problem:  # e.g. a full disk: nothing of the turn may stay
+            log.error("could not persist session %r: %s: %s", live.id, type(problem).__name__, problem)
+            self.store.update_digest(live, *old)
+            self._restore(live, before[0])
+            request.error = RequestError(503, "The turn could not be saved (the server's storage failed); the "
+                                              "session is as it was before it. Retry later.", kind="server_error",
+                                         code="storage_failed")  # fmt: skip
+
+    def _restore(self, live: Live, snapshot: Snapshot) -> None:
+        """Put the session back as it was in ``snapshot`` (engine thread); without one, forget it from memory."""
+        if snapshot is None:
+            self.store.discard(live.id)  # broken before the turn: the file (last completed turn) stays the truth
+            return
+        tensors, state = snapshot
+        restored = self.store.restore(live.id, state, tensors)
+        restored.inflight = live.inflight
+        self.store.discard(live.id)
+        self.store.put(restored)
 
     def completion_turn(self, body: CompletionRequest, loop: asyncio.AbstractEventLoop) -> Turn:
         """A stateless text completion: a temporary stream of the engine, closed when done."""
@@ -305,6 +352,7 @@ def _waker(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
 def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str = "streaming-llm",
                start_size: int = 4, recent_size: int = 2000, max_sessions: int = 16,
                state_dir: str | os.PathLike | None = None, api_key: str | None = None,
+               api_keys: dict[str, str] | None = None,
                allowed_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost",
                "::1"), limits: Limits | None = None, shutdown_timeout: float = 5.0, rows: int = 8,
                pinned_capacity: int = 256, sampling: SamplingConfig | None = None,
@@ -322,6 +370,9 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
         state_dir: Folder for durable sessions (None: in memory only).
         api_key: When set, every request but ``/health`` needs ``Authorization: Bearer <api_key>``. An
             empty (or whitespace-only) key raises ``ValueError``: it would otherwise open the server silently.
+        api_keys: Further keys, ``{key: tenant}`` (``--api-keys-file``; :func:`~.config.read_api_keys`). Each
+            tenant sees only its own sessions (list, read, continue, export, import, delete; another's is a 404,
+            and anonymous continuation stays inside it); the tenant of ``api_key`` is one more.
         allowed_origins: Browser origins allowed to call (``*`` for any); requests from other origins get 403.
         allowed_hosts: Accepted ``Host`` header names (DNS-rebinding protection; ``*`` for any).
         limits: Caps (:class:`Limits`).
@@ -353,7 +404,8 @@ def create_app(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, na
 
     app = FastAPI(title="streaming-llm", description=__doc__, lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(Guard, api_key=api_key, origins=tuple(allowed_origins), hosts=tuple(allowed_hosts))
+    app.add_middleware(Guard, api_key=api_key, origins=tuple(allowed_origins), hosts=tuple(allowed_hosts),
+                       tenants=api_keys)  # fmt: skip
     app.add_middleware(AccessLog)  # outermost: refused requests are logged too
     _add_error_handlers(app)
     _add_generation_routes(app, server)
@@ -386,6 +438,10 @@ def _add_generation_routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
     def health():
         return server.health()
+
+    @app.head("/health")
+    def health_head():
+        return Response(status_code=200)  # load balancers probe with HEAD
 
     def model_card(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
@@ -422,26 +478,40 @@ def _add_generation_routes(app: FastAPI, server: Server) -> None:
 
 
 def _add_session_routes(app: FastAPI, server: Server) -> None:
+    """The session endpoints; each tenant (API key) sees only its own sessions: another's id is a 404."""
+
     def no_session(session_id: str) -> JSONResponse:
         return error_response(404, f"No session {session_id!r}.", "not_found_error", code="session_not_found")
 
     def busy(session_id: str) -> JSONResponse | None:
         live = server.store.live.get(session_id)
         if live is not None and live.inflight:
-            return error_response(409, f"Session {session_id!r} has a request in flight; retry when it is done.",
-                                  code="session_busy")  # fmt: skip
+            return error_response(409, f"Session {external(session_id)!r} has a request in flight; retry when it is "
+                                       "done.", code="session_busy")  # fmt: skip
         return None
 
+    def inside(request: Request, session_id: str) -> str | None:
+        """The internal id of the caller's session ``session_id`` (None: an id no tenant can own)."""
+        return None if "\x1f" in session_id else namespace(tenant_of(request)) + session_id
+
+    def describe(internal: str) -> dict | None:
+        described = server.store.describe(internal)
+        return None if described is None else {**described, "id": external(internal)}
+
     @app.get("/v1/sessions")
-    def list_sessions():
-        return {"object": "list", "data": [d for i in server.store.ids() if (d := server.store.describe(i))]}
+    def list_sessions(request: Request):
+        tenant = tenant_of(request)
+        mine = [i for i in server.store.ids() if owns(tenant, i)]
+        return {"object": "list", "data": [d for i in mine if (d := describe(i))]}
 
     # `:path` so that ids with a slash work; the export route is matched first.
     @app.get("/v1/sessions/{session_id:path}/export")
-    async def export_session(session_id: str):
-        if (refused := busy(session_id)) is not None:
+    async def export_session(request: Request, session_id: str):
+        if (internal := inside(request, session_id)) is None:
+            return no_session(session_id)
+        if (refused := busy(internal)) is not None:
             return refused
-        data = await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.export(session_id))
+        data = await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.export(internal))
         if data is None:
             return no_session(session_id)
         name = f"session-{hashlib.sha256(session_id.encode()).hexdigest()[:16]}.safetensors"
@@ -454,24 +524,28 @@ def _add_session_routes(app: FastAPI, server: Server) -> None:
             data = await read_session_upload(server, request, session_id)
         except RequestError as problem:
             return failure(problem)
-        if (refused := busy(session_id)) is not None:
+        internal = namespace(tenant_of(request)) + session_id  # (the id was checked: printable ASCII)
+        if (refused := busy(internal)) is not None:
             return refused
         try:
-            await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.import_(session_id, data))
+            await asyncio.to_thread(server.engine.run_on_thread, lambda: server.store.import_(internal, data))
         except SessionFileError as problem:
             return failure(problem)
-        return server.store.describe(session_id)
+        return describe(internal)
 
     @app.get("/v1/sessions/{session_id:path}")
-    def get_session(session_id: str):
-        described = server.store.describe(session_id)
+    def get_session(request: Request, session_id: str):
+        internal = inside(request, session_id)
+        described = None if internal is None else describe(internal)
         return no_session(session_id) if described is None else described
 
     @app.delete("/v1/sessions/{session_id:path}")
-    async def delete_session(session_id: str):
-        if (refused := busy(session_id)) is not None:
+    async def delete_session(request: Request, session_id: str):
+        if (internal := inside(request, session_id)) is None:
+            return no_session(session_id)
+        if (refused := busy(internal)) is not None:
             return refused
-        if not await asyncio.to_thread(server.delete, session_id):
+        if not await asyncio.to_thread(server.delete, internal):
             return no_session(session_id)
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
@@ -482,8 +556,7 @@ async def read_session_upload(server: Server, request: Request, session_id: str)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/octet-stream":
         raise RequestError(415, f"Send the session file as 'Content-Type: application/octet-stream' (got {kind!r}).")
-    if not 0 < len(session_id) <= limits.max_session_id:
-        raise RequestError(400, f"A session id must have 1 to {limits.max_session_id} characters.")
+    check_session_id(session_id, limits.max_session_id)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_session_bytes:
         raise RequestError(413, f"The session file is {declared} bytes; the limit is {limits.max_session_bytes}.")
@@ -505,10 +578,15 @@ async def read_body(server: Server, request: Request, schema: type[BaseModel]):
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise RequestError(413, f"The body is {declared} bytes; the limit is {limits.max_body_bytes}.")
     raw = bytearray()
-    async for block in request.stream():
-        raw += block
-        if len(raw) > limits.max_body_bytes:
-            raise RequestError(413, f"The body is over the limit of {limits.max_body_bytes} bytes.")
+    try:
+        async with asyncio.timeout(limits.body_timeout):
+            async for block in request.stream():
+                raw += block
+                if len(raw) > limits.max_body_bytes:
+                    raise RequestError(413, f"The body is over the limit of {limits.max_body_bytes} bytes.")
+    except TimeoutError:
+        raise RequestError(408, f"The body did not arrive within {limits.body_timeout:g} s (--body-timeout).",
+                           code="body_timeout") from None  # fmt: skip
     body = parse_body(bytes(raw), schema)
     if body.model is not None and body.model not in server.names:
         raise RequestError(404, f"The model `{body.model}` does not exist or you do not have access to it. "
@@ -530,10 +608,31 @@ def check_chat(server: Server, request: Request, body: ChatRequest) -> str:
                                 "(--max-messages); with X-Session-Id send only the new ones.",
                            param="messages")  # fmt: skip
     session_id = request.headers.get("x-session-id") or body.user
-    if session_id is not None and not 0 < len(session_id) <= limits.max_session_id:
-        raise RequestError(400, f"A session id must have 1 to {limits.max_session_id} characters.",
-                           param="X-Session-Id")  # fmt: skip
-    return session_id if session_id is not None else server.anonymous_id(body.messages)
+    prefix = namespace(tenant_of(request))
+    if session_id is not None:
+        check_session_id(session_id, limits.max_session_id, "user" if body.user == session_id else "X-Session-Id")
+        return prefix + session_id
+    return server.anonymous_id(body.messages, prefix)
+
+
+def tenant_of(request: Request) -> str:
+    """The tenant of the request's API key (set by :class:`Guard`; "" for the single key or none)."""
+    return getattr(request.state, "tenant", "") or ""
+
+
+def external(internal_id: str) -> str:
+    """A session id as its tenant knows it (without the tenant's namespace)."""
+    return internal_id.rpartition("\x1f")[2]
+
+
+def check_session_id(session_id: str, longest: int, param: str = "X-Session-Id") -> None:
+    """Refuse (400) a session id that is empty, longer than ``longest`` characters, or not printable ASCII (it
+    is sent back in the ``X-Session-Id`` header, which cannot carry other characters or line breaks)."""
+    if not 0 < len(session_id) <= longest:
+        raise RequestError(400, f"A session id must have 1 to {longest} characters.", param=param)
+    if not all(" " <= c <= "~" for c in session_id):
+        raise RequestError(400, "A session id (X-Session-Id or user) must be printable ASCII: no line breaks, "
+                                "control or non-ASCII characters.", param=param)  # fmt: skip
 
 
 async def start_turn(server: Server, request: Request, body: Sampling, kind: str) -> Turn:
@@ -546,12 +645,17 @@ async def start_turn(server: Server, request: Request, body: Sampling, kind: str
         turn = server.completion_turn(body, loop)
     else:
         session_id = check_chat(server, request, body)
-        live = await asyncio.to_thread(server.resolve, session_id, body.messages)
+        try:
+            live = await asyncio.to_thread(server.resolve, session_id, body.messages)
+        finally:
+            server.store.release(session_id)  # an anonymous request's claim (no-op otherwise)
         try:
             turn = server.chat_turn(body, live, loop)
+            server.submit(turn)
         except BaseException:
             live.inflight -= 1
             raise
+        return turn
     server.submit(turn)
     return turn
 
@@ -563,7 +667,7 @@ async def respond(server: Server, request: Request, schema: type[BaseModel], kin
     except (RequestError, ValueError) as problem:
         return failure(problem)
     watcher = asyncio.create_task(_watch_disconnect(request, turn.request))
-    headers = {"X-Session-Id": turn.session_id} if turn.session_id else None
+    headers = {"X-Session-Id": external(turn.session_id)} if turn.session_id else None
     ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     try:
         first = await _next_piece(turn)
@@ -619,19 +723,27 @@ def _completion_body(server: Server, turn: Turn, pieces: list, ident: str, creat
     }  # fmt: skip
 
 
+RETRY_AFTER_S = 1  # what a 429 (queue full) and a 503 (shutting down, storage failed) suggest in Retry-After
+
+
 def failure(item: BaseException) -> JSONResponse:
     if isinstance(item, RequestError):
-        return error_response(item.status, item.message, item.kind, item.param, item.code)
+        response = error_response(item.status, item.message, item.kind, item.param, item.code)
+        if item.status in (429, 503):
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     if isinstance(item, SessionFileError):
         return error_response(400, str(item), code="invalid_session_file")
     if isinstance(item, QueueFull):
-        return error_response(429, str(item), "rate_limit_error", code="queue_full")
+        response = error_response(429, str(item), "rate_limit_error", code="queue_full")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     if isinstance(item, SessionBrokenError):
         return error_response(500, str(item), "server_error")
     if isinstance(item, ValueError):
         return error_response(400, str(item))
-    log.error("request failed", exc_info=item)
-    return error_response(500, f"Generation failed ({type(item).__name__}: {item}).", "server_error")
+    log.error("request failed", exc_info=item)  # the details (paths too) go to the log, not to the client
+    return error_response(500, f"Generation failed ({type(item).__name__}).", "server_error")
 
 
 def _ending_error(request: runtime.Request) -> BaseException | None:
@@ -686,6 +798,7 @@ async def _sse(server: Server, turn: Turn, first, body: Sampling, ident: str, cr
         problem = _ending_error(turn.request)
         if problem is not None:
             yield f"data: {json.dumps({'error': json.loads(failure(problem).body)['error']})}\n\n"
+            yield "data: [DONE]\n\n"  # the stream ends as every stream does, after its error event
             return
         if state is not None:
             state.usage = _usage(server, turn)
@@ -701,6 +814,14 @@ def default_sampling() -> SamplingConfig:
     from ..cli.common import SAMPLING_DEFAULTS
 
     return SamplingConfig(**SAMPLING_DEFAULTS)
+
+
+def _create_or_exit(*args, **kwargs) -> FastAPI:
+    """:func:`create_app`, with an unusable state dir as a one-line error instead of a traceback."""
+    try:
+        return create_app(*args, **kwargs)
+    except StateDirError as error:
+        raise SystemExit(f"error: --state-dir: {error}") from None
 
 
 def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -719,15 +840,19 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
     if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
         log.warning("bound to all addresses: only loopback Host names are accepted unless --allowed-hosts names "
                     "the others")  # fmt: skip
-    warning = exposure_warning(args.host, args.api_key)
+    try:
+        api_keys = read_api_keys(args.api_keys_file) if args.api_keys_file else None
+    except ValueError as error:
+        raise SystemExit(f"error: --api-keys-file: {error}") from None
+    warning = exposure_warning(args.host, args.api_key or api_keys)
     if warning:
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
-                    request_timeout=args.request_timeout)  # fmt: skip
-    app = create_app(
+                    request_timeout=args.request_timeout, body_timeout=args.body_timeout)  # fmt: skip
+    app = _create_or_exit(
         model, tokenizer, name=args.name, start_size=args.start_size, recent_size=args.recent_size,
-        max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key,
+        max_sessions=args.max_sessions, state_dir=args.state_dir, api_key=args.api_key, api_keys=api_keys,
         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         allowed_hosts=tuple(hosts), limits=limits, shutdown_timeout=args.shutdown_timeout, rows=args.rows,
         pinned_capacity=args.pinned_capacity, sampling=sampling_config(args), aliases=tuple(args.model_alias),
@@ -735,7 +860,16 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
     )  # fmt: skip
     configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
-                            log_level="warning")  # fmt: skip
+                            log_level="warning", limit_concurrency=args.max_connections)  # fmt: skip
     page = "" if args.no_web else ", chat page at /"
     print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1{page})", flush=True)
-    uvicorn.Server(config).run()
+    engine = app.state.server.engine
+
+    class Server_(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # End in-flight work first (streams get a shutting-down error event and [DONE], others a 503), so that
+            # uvicorn's graceful wait finds the responses complete. A thread: the handler must not take a lock.
+            threading.Thread(target=engine.shutdown, name="streaming-llm-shutdown", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    Server_(config).run()

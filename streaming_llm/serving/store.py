@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sqlite3
 import tempfile
 import threading
@@ -31,10 +32,20 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..runtime.engine import Engine
-from ..sessions.persistence import SessionFileError, read_session_file, remove_stale_temporaries, write_session_file
+from ..sessions.persistence import (
+    SessionFileError,
+    read_session_file,
+    remove_stale_temporaries,
+    server_secret,
+    write_session_file,
+)
 from ..sessions.session import StreamingSession
 
 log = logging.getLogger(__name__)
+
+
+class StateDirError(RuntimeError):
+    """The state dir cannot be used (not writable, or its index cannot be created); one line, for the operator."""
 
 
 @dataclass(eq=False)
@@ -72,37 +83,101 @@ class SessionStore:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.model, self.tokenizer, self.engine, self.max_sessions = model, tokenizer, engine, max_sessions
         self.live: OrderedDict[str, Live] = OrderedDict()
-        self.by_digest: dict[str, str] = {}  # digest of a live session -> its id (fallback matching)
+        self.claimed: set[str] = set()  # ids an anonymous request has claimed and not yet counted in flight
         self.lock = threading.RLock()
         self.state_dir = Path(state_dir) if state_dir else None
         self.db: sqlite3.Connection | None = None
+        self.secret: bytes | None = None  # HMAC key of the files this server writes (state_dir/secret.key)
         if self.state_dir:
-            (self.state_dir / "sessions").mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_temporaries(self.state_dir / "sessions"):
+            folder = self.state_dir / "sessions"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-probe.{os.getpid()}.tmp"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                raise StateDirError(f"the state dir {self.state_dir} is not writable ({error.strerror or error}); "
+                                    "give the server a folder it can write") from None  # fmt: skip
+            self.secret = server_secret(self.state_dir)
+            for stale in remove_stale_temporaries(folder):
                 log.warning("removed a stale temporary file: %s", stale)
-            self.db = sqlite3.connect(self.state_dir / "index.sqlite3", check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, file TEXT NOT NULL, digest TEXT NOT NULL, "
-                "messages INTEGER NOT NULL, turns INTEGER, seen_tokens INTEGER, evicted_tokens INTEGER, "
-                "cached_tokens INTEGER, cache_bytes INTEGER, updated REAL NOT NULL)"
-            )
-            self.db.execute("CREATE INDEX IF NOT EXISTS sessions_digest ON sessions (digest)")
+            self.db = self._open_index(self.state_dir / "index.sqlite3")
+            self._rebuild_index()
+
+    @staticmethod
+    def _open_index(path: Path) -> sqlite3.Connection:
+        """The index, created if missing; a damaged one (not SQLite, truncated, a folder) is moved aside."""
+        for attempt in range(2):
+            try:
+                db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, file TEXT NOT NULL, digest TEXT NOT "
+                    "NULL, messages INTEGER NOT NULL, turns INTEGER, seen_tokens INTEGER, evicted_tokens INTEGER, "
+                    "cached_tokens INTEGER, cache_bytes INTEGER, updated REAL NOT NULL)"
+                )
+                db.execute("CREATE INDEX IF NOT EXISTS sessions_digest ON sessions (digest)")
+                db.execute("SELECT id, file, digest, messages, updated FROM sessions LIMIT 1").fetchall()
+                return db
+            except (sqlite3.DatabaseError, OSError) as error:
+                if attempt:
+                    raise StateDirError(f"cannot create the session index {path} ({error})") from None
+                aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                log.warning("the session index %s is damaged (%s): moved aside to %s; rebuilding it from the "
+                            "session files", path, error, aside.name)  # fmt: skip
+                os.replace(path, aside)
+                for suffix in ("-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def _rebuild_index(self) -> None:
+        """Index every session file the index lacks (the files are the truth): a missing or moved-aside index
+        hides no session. Files that cannot be read are left in place and logged."""
+        assert self.state_dir is not None and self.db is not None
+        indexed = {row[0] for row in self.db.execute("SELECT file FROM sessions")}
+        added = 0
+        for file in sorted((self.state_dir / "sessions").glob("*.safetensors")):
+            if file.name in indexed:
+                continue
+            try:
+                state, _ = read_session_file(file, self.model, self.secret)
+                server = state["server"]
+                row = (str(server["id"]), file.name, str(server["digest"]), int(server["messages"]),
+                       int(state.get("turns", 0)), file.stat().st_mtime)  # fmt: skip
+            except (SessionFileError, KeyError, TypeError, ValueError, OSError) as error:
+                log.warning("session file %s not indexed: %s", file.name, error)
+                continue
+            self.db.execute("INSERT OR REPLACE INTO sessions (id, file, digest, messages, turns, updated) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", row)  # fmt: skip
+            added += 1
+        if added:
+            log.warning("indexed %d session file(s) the index lacked", added)
 
     def path(self, session_id: str) -> Path:
         assert self.state_dir is not None
         return self.state_dir / "sessions" / f"{hashlib.sha256(session_id.encode()).hexdigest()[:40]}.safetensors"
 
     # -- lookup --------------------------------------------------------------------------------------------
-    def find_by_digest(self, digest: str) -> str | None:
-        """The id of the session whose processed messages have this digest, if any (live or on disk)."""
+    def claim_by_digest(self, digest: str, namespace: str = "") -> str | None:
+        """Claim the id of an idle session (in memory or on disk) whose processed messages have this digest and
+        whose id starts with ``namespace``, or None. A claimed session is not offered again until
+        :meth:`release` (call it once the request is counted in the session's ``inflight``), and a session in
+        flight is never offered: two concurrent requests with the same history never get the same session."""
         with self.lock:
-            if digest in self.by_digest:
-                return self.by_digest[digest]
+            candidates = [x.id for x in self.live.values() if x.digest == digest and x.inflight == 0]
             if self.db is not None:
-                row = self.db.execute("SELECT id FROM sessions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
-                return row[0] if row else None
+                rows = self.db.execute("SELECT id FROM sessions WHERE digest = ? ORDER BY updated DESC", (digest,))
+                candidates += [row[0] for row in rows if row[0] not in self.live]
+            for session_id in candidates:
+                if session_id.startswith(namespace) and session_id not in self.claimed:
+                    self.claimed.add(session_id)
+                    return session_id
         return None
+
+    def release(self, session_id: str) -> None:
+        """End the claim of :meth:`claim_by_digest` (no-op for an id not claimed)."""
+        with self.lock:
+            self.claimed.discard(session_id)
 
     def get(self, session_id: str) -> Live | None:
         """The session (from memory, or restored from disk onto the engine), or None when unknown.
@@ -115,10 +190,19 @@ class SessionStore:
                 return self.live[session_id]
         if self.state_dir is None or not self.path(session_id).is_file():
             return None
-        state, tensors = read_session_file(self.path(session_id), self.model)
+        path = self.path(session_id)
+        try:
+            state, tensors = read_session_file(path, self.model, self.secret)
+        except SessionFileError as error:  # its message names the file: never show a client a server path
+            raise SessionFileError(str(error).replace(str(path), "Its file")) from None
         live = self._restore(session_id, state, tensors, server_required=True)
         self.put(live)
         return live
+
+    def restore(self, session_id: str, state: dict, tensors: dict) -> Live:
+        """A new :class:`Live` (a fresh stream of the engine) from a snapshot ``(tensors, state)`` of a session,
+        ``state["server"]`` holding its digest and message count; not yet put in memory."""
+        return self._restore(session_id, state, tensors, server_required=True)
 
     def _restore(self, session_id: str, state: dict, tensors: dict, server_required: bool) -> Live:
         try:
@@ -168,17 +252,13 @@ class SessionStore:
         leave memory (their files stay)."""
         with self.lock:
             old = self.live.pop(live.id, None)
-            if old is not None:
-                self.by_digest.pop(old.digest, None)
-                if old is not live:
-                    self._forget(old)
+            if old is not None and old is not live:
+                self._forget(old)
             self.live[live.id] = live
-            self.by_digest[live.digest] = live.id
             idle = [x for x in self.live.values() if x.inflight == 0 and x is not live]
             while len(self.live) > self.max_sessions and idle:
                 gone = idle.pop(0)
-                del self.live[gone.id]
-                self.by_digest.pop(gone.digest, None)  # already on disk (every turn is), or dropped
+                del self.live[gone.id]  # already on disk (every turn is), or dropped
                 self._forget(gone)
 
     def _forget(self, live: Live) -> None:
@@ -188,17 +268,35 @@ class SessionStore:
 
     def update_digest(self, live: Live, digest: str, messages: int) -> None:
         with self.lock:
-            if self.by_digest.get(live.digest) == live.id:
-                del self.by_digest[live.digest]
             live.digest, live.messages = digest, messages
-            if live.id in self.live:
-                self.by_digest[digest] = live.id
 
     def persist(self, live: Live) -> None:
         """Write the session's state to its file and the index (no-op without ``state_dir``)."""
         if self.state_dir is None or self.db is None:
             return
-        path = self._write(live, self.path(live.id))
+        path = self.path(live.id)
+        # The file and the index change together or not at all: the previous file is kept (a hard link named
+        # like a temporary, so a crash leaves nothing that start-up does not remove) until the index is updated.
+        backup = path.with_name(f".{path.name}.{os.getpid()}.previous.tmp")
+        backup.unlink(missing_ok=True)
+        had = path.is_file()
+        if had:
+            os.link(path, backup)
+        try:
+            self._write(live, path)
+            self._index(live, path)
+        except BaseException:
+            if had:
+                os.replace(backup, path)
+            else:
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            backup.unlink(missing_ok=True)
+
+    def _index(self, live: Live, path: Path) -> None:
+        """Record ``live`` (written to ``path``) in the index."""
+        assert self.db is not None
         stats = live.session.stats(recorded=True)
         with self.lock:
             self.db.execute(
@@ -210,15 +308,13 @@ class SessionStore:
     def _write(self, live: Live, path: Path) -> Path:
         tensors, state = live.session.state()
         state["server"] = {"id": live.id, "digest": live.digest, "messages": live.messages}
-        return write_session_file(path, tensors, state, self.model)
+        return write_session_file(path, tensors, state, self.model, self.secret)
 
     def discard(self, session_id: str) -> None:
         """Forget the in-memory copy (e.g. after a failure); the file, if any, stays."""
         with self.lock:
             live = self.live.pop(session_id, None)
             if live is not None:
-                if self.by_digest.get(live.digest) == session_id:
-                    del self.by_digest[live.digest]
                 self._forget(live)
 
     # -- for the HTTP handlers ---------------------------------------------------------------------------------

@@ -14,11 +14,14 @@ its own target.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -33,6 +36,10 @@ FORMAT = "streaming-llm-session"
 VERSION = 2
 HEADER_KEY = "streaming_llm"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+# safetensors' save_file first writes its own ``.tmpXXXXXX`` in the target's folder (Rust's tempfile crate), then
+# renames it: a kill -9 in between leaves that one too. It names no process, so only old ones are removed.
+_LIBRARY_TEMPORARY = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+LIBRARY_TEMPORARY_AGE_S = 600.0
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -76,8 +83,13 @@ def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def write_session_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict,
-                       model: PreTrainedModel) -> Path:  # fmt: skip
+                       model: PreTrainedModel, key: bytes | None = None) -> Path:  # fmt: skip
     """Write ``tensors`` and the JSON-serialisable ``state`` to ``path`` atomically.
+
+    With ``key`` the header also carries an HMAC-SHA256 of the checksum under ``key`` (the server's secret):
+    :func:`read_session_file` with that key then refuses a file edited even with its checksum recomputed. Without
+    it (:meth:`StreamingSession.save`) the checksum detects accidents (truncation, bit flips, another model),
+    not a deliberate edit by someone who can write the file.
 
     The file appears complete or not at all: a temporary file in the same folder is written, flushed
     to disk and renamed over ``path``. Returns ``path``. Raises ``OSError`` (disk full, no permission);
@@ -89,6 +101,8 @@ def write_session_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor]
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     header = {"format": FORMAT, "version": VERSION, "model": model_identity(model), "state": state}
     header["sha256"] = _digest(header, tensors)
+    if key is not None:
+        header["hmac_sha256"] = hmac.new(key, header["sha256"].encode(), hashlib.sha256).hexdigest()
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
@@ -103,8 +117,12 @@ def write_session_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor]
     return path
 
 
-def read_session_file(path: str | os.PathLike, model: PreTrainedModel) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_session_file(path: str | os.PathLike, model: PreTrainedModel,
+                      key: bytes | None = None) -> tuple[dict, dict[str, torch.Tensor]]:  # fmt: skip
     """Read and check a file written by :func:`write_session_file`; return ``(state, tensors)`` (CPU tensors).
+
+    With ``key`` the file must carry a valid HMAC under it (written with that ``key``); without, an HMAC present
+    is not checked (a file from another server: only its checksum is).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -134,6 +152,12 @@ def read_session_file(path: str | os.PathLike, model: PreTrainedModel) -> tuple[
             "Start a new session (the old file cannot be converted)."
         )
     claimed = header.pop("sha256", None)
+    signature = header.pop("hmac_sha256", None)
+    if key is not None:
+        expected_mac = hmac.new(key, str(claimed).encode(), hashlib.sha256).hexdigest()
+        if not isinstance(signature, str) or not hmac.compare_digest(signature, expected_mac):
+            raise SessionFileError(f"{path} was not written by this server (its HMAC is missing or wrong): "
+                                   "refused, it may have been edited.")  # fmt: skip
     try:
         actual = _digest(header, tensors)
     except (TypeError, ValueError):
@@ -151,18 +175,43 @@ def read_session_file(path: str | os.PathLike, model: PreTrainedModel) -> tuple[
     return header["state"], tensors
 
 
+def server_secret(folder: str | os.PathLike) -> bytes:
+    """The HMAC key in ``folder/secret.key`` (32 random bytes), created with mode 0600 when missing.
+
+    Raises:
+        OSError: the folder cannot be written, or the file read.
+    """
+    path = Path(folder) / "secret.key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+        f.flush()
+        os.fsync(f.fileno())
+    return path.read_bytes()
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Delete temporary files left in ``folder`` by saves whose process died (for target ``name``, or all).
 
     A temporary is stale when the process id in its name is no longer running (or is this process's
     id from an earlier life, which cannot be told apart: only other pids are trusted to be alive).
-    Returns the files removed.
+    Without ``name``, the safetensors library's own temporaries (``.tmpXXXXXX``) older than
+    ``LIBRARY_TEMPORARY_AGE_S`` (10 minutes: no save takes that long) go too. Returns the files removed.
     """
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for candidate in folder.iterdir():
+        if name is None and _LIBRARY_TEMPORARY.match(candidate.name):
+            with contextlib.suppress(OSError):
+                if time.time() - candidate.stat().st_mtime > LIBRARY_TEMPORARY_AGE_S:
+                    candidate.unlink()
+                    removed.append(candidate)
+            continue
         match = _TEMPORARY.match(candidate.name)
         if not match or (name is not None and match["name"] != name) or _alive(int(match["pid"])):
             continue

@@ -30,7 +30,7 @@ from ..runtime.engine import CacheView, Engine, Request, StreamBrokenError, chec
 from ..runtime.generation import GenerationChunk, TextStream, eos_ids, run_text_request
 from ..runtime.sampling import Sampler, SamplingConfig
 from ..runtime.tokenize import stream_tokens
-from .chat_template import IncrementalChatTemplate
+from .chat_template import SENTINEL, IncrementalChatTemplate
 from .documents import Document, IngestProgress, ProgressBar
 from .memory import HybridMemory
 from .persistence import SessionFileError, read_session_file, write_session_file
@@ -150,7 +150,7 @@ class StreamingSession:
                 "Memory is not available for models with sliding-window layers (their local layers have no pinned "
                 "slot for a summary or passages); use plain streaming with this model."
             )
-        opening = self._tokens(self.template.add("system", system_prompt)) if system_prompt else []
+        opening = self._message("system", system_prompt) if system_prompt else []
         pinned = max(start_size, len(opening)) if pin_system_prompt else start_size
         if _state is not None:
             pinned = int(_state[1]["start_size"])
@@ -233,6 +233,27 @@ class StreamingSession:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     _tokens = tokenize
+
+    def _message(self, role: str, content: str, generation_prompt: bool = False) -> list[int]:
+        """The tokens of one message as the chat template frames it. Special tokens written in ``content``
+        (``<|im_end|>``, ``<|im_start|>system``, ...) stay text: only the template's own markup is control
+        tokens, so a message cannot forge a turn of another role. Content without such text is tokenized with
+        its markup in one piece, as the template renders it.
+
+        Raises:
+            ValueError: the content holds special-token text and the template alters content (it cannot then
+                be framed apart).
+        """
+        if not any(special in content for special in self.tokenizer.added_tokens_encoder):
+            return self._tokens(self.template.add(role, content, generation_prompt=generation_prompt))
+        probe = self.template.add(role, SENTINEL, generation_prompt=generation_prompt)
+        self.template.context[-1] = {"role": role, "content": content}
+        if probe.count(SENTINEL) != 1:
+            raise ValueError("This message contains special-token text, and the chat template alters content so "
+                             "it cannot be kept as text; remove the special tokens from the message.")  # fmt: skip
+        before, after = probe.split(SENTINEL)
+        text = self.tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self._tokens(before) + text + self._tokens(after)
 
     def _check_usable(self) -> None:
         if self.broken:
@@ -347,9 +368,9 @@ class StreamingSession:
                 self.memory.recall(self, turn[-1][1])  # pin the evicted passages that best match the message
             ids = []
             for role, content in turn[:-1]:
-                ids += self._tokens(self.template.add(role, content))
+                ids += self._message(role, content)
                 self.turns += role == "user"
-            return ids + self._tokens(self.template.add("user", turn[-1][1], generation_prompt=True))
+            return ids + self._message("user", turn[-1][1], generation_prompt=True)
 
         def finish(request: Request) -> list[int]:
             text.finish(request.finish_reason)
@@ -366,7 +387,7 @@ class StreamingSession:
         """Feed a whole message without generating (e.g. earlier turns of a conversation being resumed)."""
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"role must be 'system', 'user' or 'assistant', got {role!r}")
-        self.feed(self._tokens(self.template.add(role, content)))
+        self.feed(self._message(role, content))
         self.turns += role == "user"
 
     def use_sampling(self, sampling: SamplingConfig) -> None:
