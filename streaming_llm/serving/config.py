@@ -67,6 +67,10 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
          "(slower: 408)"),
         ("--max-connections", _positive, None, "most open connections and requests at once (more: 503); not set: "
          "no cap"),
+        ("--header-timeout", _positive_float, 10.0, "seconds a connection may take to send a request head, from its "
+         "opening or its previous response (slower: 408 and closed)"),
+        ("--max-connections-per-client", _positive, 32, "most connections open at once from one client address "
+         "(more: 429 and closed)"),
     ]  # fmt: skip
     _add(group, flags)
     group.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (default: served)")

@@ -832,6 +832,7 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
 
     from ..cli.common import sampling_config
     from .access_log import configure
+    from .connections import guarded_h11
 
     if not math.isfinite(args.request_timeout) or args.request_timeout <= 0:
         raise SystemExit("error: --request-timeout must be a positive number of seconds")
@@ -860,7 +861,8 @@ def serve(args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTraine
     )  # fmt: skip
     configure(args.log_format)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
-                            log_level="warning", limit_concurrency=args.max_connections)  # fmt: skip
+                            log_level="warning", limit_concurrency=args.max_connections,
+                            http=guarded_h11(args.header_timeout, args.max_connections_per_client))  # fmt: skip
     page = "" if args.no_web else ", chat page at /"
     print(f"Serving on http://{args.host}:{args.port} (OpenAI API under /v1{page})", flush=True)
     engine = app.state.server.engine
