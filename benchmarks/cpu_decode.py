@@ -106,6 +106,7 @@ def worker(method: str, checkpoints: list[int], decode: int, repeats: int, threa
 def llama_worker(ids: list[int], checkpoints: list[int], decode: int, repeats: int, threads: int) -> dict:
     try:
         import llama_cpp
+        import numpy
     except ImportError as error:
         return {"method": "llama.cpp", "installed": False, "why": f"not installed ({error})", "rows": []}
     from streaming_llm.runtime.loading import embedded_gguf
@@ -116,13 +117,15 @@ def llama_worker(ids: list[int], checkpoints: list[int], decode: int, repeats: i
         n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
     )  # fmt: skip
     load_s = time.perf_counter() - began
+    vocab = llm.n_vocab()
 
     def feed(chunk: list[int]) -> None:
         llm.eval(chunk)
 
     def step(token: int) -> int:
         llm.eval([token])
-        return int(llm.scores[llm.n_tokens - 1].argmax())  # numpy, as cheap as ours
+        # Without logits_all, llama-cpp-python keeps no scores: read the last token's logits from the context.
+        return int(numpy.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax())
 
     result = measure(ids, checkpoints, decode, repeats, feed, step, "llama.cpp")
     result.update(load_s=load_s, installed=True, version=getattr(llama_cpp, "__version__", "?"))
